@@ -1,0 +1,1 @@
+"""Flax models: T5 network, model wrappers (loss/eval/predict), decoding. TensorFlow-free."""
