@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "openai",
     "tqdm",
     "numpy",
+    "scipy",  # sparse BM25 scoring (kard_jax.knowledge.bm25)
 ]
 
 setuptools.setup(

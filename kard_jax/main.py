@@ -59,7 +59,14 @@ def main(argv: Sequence[str]) -> int:
         import jax
 
         jax.distributed.initialize()
-    gin.get_configurable(execute)()
+    from kard_jax.errors import InputError
+
+    try:
+        gin.get_configurable(execute)()
+    except InputError as e:  # bad user input: one line naming file, line and field; no traceback
+        logging.error("%s", e)
+        print(f"kard_jax: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

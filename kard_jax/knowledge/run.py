@@ -1,0 +1,103 @@
+"""Gin-free run modes: `build_kb` (corpus -> passage store + BM25 [+ embeddings + dense index])
+and `retrieve` (examples + rationales + KB -> retrieval cache). Bound in gin_configs/runs/.
+
+KB directory layout: manifest.json, passages/ (PassageStore), bm25/ (BM25Index), and with an
+embedder: embeddings/ (.npy shards) and dense_index/ (ScaNN or brute force).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Sequence
+
+from kard_jax.knowledge import atomic, bm25 as bm25_lib, embed as embed_lib, retrieval_cache, scann_index
+from kard_jax.knowledge.passage_store import PassageStore, build_passage_store
+
+_FORMAT = "kard_jax.kb/1"
+
+
+def build_kb(
+    *,
+    corpus_paths: Sequence[str] | str,
+    kb_dir: str,
+    chunk_words: int | None = None,
+    chunk_stride: int | None = None,
+    dedup: bool = True,
+    skip_empty_text: bool = False,
+    bm25_config: bm25_lib.BM25Config = bm25_lib.BM25Config(),
+    embedder: "embed_lib.T5Embedder | None" = None,
+    embedding_dtype: str = "float32",
+    scann_config: scann_index.ScannConfig = scann_index.ScannConfig(),
+    show_progress: bool = True,
+) -> dict:
+    """Builds a knowledge base directory atomically and returns its manifest."""
+    if isinstance(corpus_paths, (str, os.PathLike)):
+        corpus_paths = [corpus_paths]
+    start = time.time()
+    with atomic.atomic_directory(kb_dir) as tmp:
+        store = build_passage_store(corpus_paths, tmp / "passages", chunk_words=chunk_words, chunk_stride=chunk_stride,
+                                   dedup=dedup, skip_empty_text=skip_empty_text, show_progress=show_progress)
+        index = bm25_lib.BM25Index.build((store.contents(i) for i in range(len(store))), bm25_config,
+                                         show_progress=show_progress)
+        index.save(tmp / "bm25")
+        dense_kind = None
+        if embedder is not None:
+            embed_lib.embed_passages(store.contents, len(store), embedder, tmp / "embeddings", dtype=embedding_dtype,
+                                     show_progress=show_progress)
+            searcher = scann_index.build_dense_index(embed_lib.load_embeddings(tmp / "embeddings"), scann_config)
+            searcher.save(tmp / "dense_index")
+            dense_kind = searcher.kind
+        manifest = {
+            "format": _FORMAT,
+            "corpus_paths": [os.path.abspath(p) for p in corpus_paths],
+            "passages": store.manifest,
+            "bm25": {"config": dataclasses.asdict(bm25_config), "vocab_size": len(index.retriever.vocab_dict)},
+            "dense_index": dense_kind,
+            "build_seconds": round(time.time() - start, 2),
+        }
+        atomic.write_json(tmp / "manifest.json", manifest)
+    m = store.manifest
+    print(f"kard_jax build_kb: {m['num_passages']} passages from {m['num_documents']} documents "
+          f"({m['num_duplicates_dropped']} duplicates, {m['num_empty_skipped']} empty dropped), "
+          f"BM25 vocab {manifest['bm25']['vocab_size']}, "
+          f"dense index: {dense_kind or 'none'}, {manifest['build_seconds']} s -> {kb_dir}")
+    return manifest
+
+
+def load_kb(kb_dir: str | os.PathLike) -> tuple[PassageStore, bm25_lib.BM25Index]:
+    kb_dir = pathlib.Path(kb_dir)
+    return PassageStore(kb_dir / "passages"), bm25_lib.BM25Index.load(kb_dir / "bm25")
+
+
+def retrieve(
+    *,
+    examples_path: str,
+    kb_dir: str,
+    output_dir: str,
+    rationales_path: str | None = None,  # teacher output dir or rationales JSONL(.gz) file
+    examples_format: str = "kard",
+    dataset: str | None = None,
+    config: retrieval_cache.RetrievalConfig = retrieval_cache.RetrievalConfig(),
+    show_progress: bool = True,
+) -> dict:
+    """Builds the retrieval cache of one split (train when `rationales_path` is given, else eval)."""
+    from kard_jax.data.readers import read_examples
+    from kard_jax.teacher.store import read_rationales
+
+    start = time.time()
+    examples = read_examples(examples_path, format=examples_format, dataset=dataset)
+    rationales = read_rationales(rationales_path) if rationales_path else None
+    store, index = load_kb(kb_dir)
+    manifest = retrieval_cache.build_retrieval_cache(
+        examples, output_dir, store=store, bm25=index, rationales=rationales, config=config,
+        inputs={"examples": os.path.abspath(examples_path), "kb_dir": os.path.abspath(kb_dir),
+                "rationales": os.path.abspath(rationales_path) if rationales_path else None},
+        show_progress=show_progress,
+    )
+    c = manifest["counts"]
+    print(f"kard_jax retrieve: {c['questions']} questions, {c['rationales']} rationales "
+          f"({manifest['split_kind']}), top-{config.rationale_top_k} per rationale, "
+          f"top-{config.question_top_k} per question, {time.time() - start:.1f} s -> {output_dir}")
+    return manifest
