@@ -10,11 +10,11 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import json
 import os
 import re
 from typing import IO, Iterable, Iterator
 
+from kard_jax.data.readers import iter_json_records
 from kard_jax.errors import InputError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -79,20 +79,11 @@ def read_jsonl_documents(path: str | os.PathLike, *, skip_empty_text: bool = Fal
 
     With `skip_empty_text`, a present but empty text yields (None, line) instead of raising.
     """
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=line_no) from None
-            if not isinstance(obj, dict):
-                raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=line_no)
-            pid = _field(obj.get("id"), path, line_no, "id", required=True)
-            title = _field(obj.get("title"), path, line_no, "title", required=False)
-            text = _text(obj.get("text"), path, line_no, skip_empty_text)
-            yield (Passage(id=pid, title=title, text=text) if text is not None else None), line_no
+    for line_no, obj in iter_json_records(path):
+        pid = _field(obj.get("id"), path, line_no, "id", required=True)
+        title = _field(obj.get("title"), path, line_no, "title", required=False)
+        text = _text(obj.get("text"), path, line_no, skip_empty_text)
+        yield (Passage(id=pid, title=title, text=text) if text is not None else None), line_no
 
 
 def read_tsv_documents(path: str | os.PathLike, *, skip_empty_text: bool = False) -> Iterator[tuple[Passage | None, int]]:

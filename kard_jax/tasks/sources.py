@@ -23,13 +23,13 @@ builder (knowledge first, the question and the "Explanation:" cue always kept); 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from kard_jax.data import prompts
 from kard_jax.data.example import Example
+from kard_jax.data.readers import iter_json_records
 from kard_jax.errors import InputError
 
 NO_RATIONALE = -1
@@ -235,18 +235,11 @@ def read_rankings(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise InputError("rankings file not found", path=path)
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON ({e.msg})", path=path, line=line_no) from None
-            for field in ("question_id", "passage_ids"):
-                if field not in row:
-                    raise InputError("missing field", path=path, line=line_no, field=field)
-            if not isinstance(row["passage_ids"], list):
-                raise InputError("expected a list of passage ids", path=path, line=line_no, field="passage_ids")
-            out[str(row["question_id"])] = [str(p) for p in row["passage_ids"]]
+    for line_no, row in iter_json_records(path):
+        for field in ("question_id", "passage_ids"):
+            if field not in row:
+                raise InputError("missing field", path=path, line=line_no, field=field)
+        if not isinstance(row["passage_ids"], list):
+            raise InputError("expected a list of passage ids", path=path, line=line_no, field="passage_ids")
+        out[str(row["question_id"])] = [str(p) for p in row["passage_ids"]]
     return out
