@@ -16,7 +16,8 @@ activations carry `nn.with_logical_constraint`, so one rules table in
 
 Incremental decoding uses a "cache" collection (t5x style): self-attention keys/values are
 written at the current position; the encoder-decoder attention keys/values are computed from the
-encoder output once, on the first decoding step, and reused afterwards.
+encoder output once, on the first decoding step (which adds them to the cache), and only read
+afterwards.
 """
 from __future__ import annotations
 
@@ -250,23 +251,24 @@ class MultiHeadAttention(nn.Module):
         value_proj = self._dense("value", (h, kv), qkv_axes, d**-0.5)
         query = _constrain(query, ("batch", "length", "heads", "kv"))
 
-        if decode and self.is_cross_attention:
-            # Encoder-decoder K/V depend only on the encoder output: compute them on the first step.
-            batch, enc_len = inputs_kv.shape[:2]
-            shape = (batch, enc_len, h, kv)
+        # Default layouts: keys/values [b, k, heads, kv].
+        scores_eq, out_eq = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
+        kv_axes = (("batch", "length", "heads", "kv"),) * 2
+        if decode and self.is_cross_attention and decode_position is not None:
+            # Encoder-decoder K/V depend only on the encoder output: they enter the cache on the
+            # first decoding step (computed from the real encoder output) and are only read
+            # afterwards. They are stored in the layouts the two einsums read (keys [b, heads, kv, k],
+            # values [b, heads, k, kv]) so that no step copies or transposes them.
             dt = jnp.dtype(c.dtype)
-            is_initialized = self.has_variable("cache", "cached_key")
-            ready = self.variable("cache", "cross_kv_ready", lambda: jnp.array(False))
-            cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, dt)
-            cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, dt)
-            key, value = jax.lax.cond(
-                ready.value,
-                lambda: (cached_key.value, cached_value.value),
-                lambda: (key_proj(inputs_kv).astype(dt), value_proj(inputs_kv).astype(dt)),
-            )
-            if is_initialized:
-                cached_key.value, cached_value.value, ready.value = key, value, jnp.array(True)
-        elif decode:
+            key = self.variable(
+                "cache", "cached_key", lambda: jnp.einsum("bkhd->bhdk", key_proj(inputs_kv).astype(dt))
+            ).value
+            value = self.variable(
+                "cache", "cached_value", lambda: jnp.einsum("bkhd->bhkd", value_proj(inputs_kv).astype(dt))
+            ).value
+            scores_eq, out_eq = "bqhd,bhdk->bhqk", "bhqk,bhkd->bqhd"
+            kv_axes = (("batch", "heads", "kv", "length"), ("batch", "heads", "length", "kv"))
+        elif decode and not self.is_cross_attention:
             key = key_proj(inputs_kv)
             value = value_proj(inputs_kv)
             is_initialized = self.has_variable("cache", "cached_key")
@@ -283,20 +285,20 @@ class MultiHeadAttention(nn.Module):
                 visible = jnp.arange(max_len) <= idx  # causal mask over the cache
                 step_mask = jnp.where(visible, 0.0, NEG_INF)[None, None, None, :]
                 bias = step_mask if bias is None else bias + step_mask
-        else:
+        else:  # also the cross-attention of init_cache's shape-only pass (decode_position None)
             key = key_proj(inputs_kv)
             value = value_proj(inputs_kv)
-        key = _constrain(key, ("batch", "length", "heads", "kv"))
-        value = _constrain(value, ("batch", "length", "heads", "kv"))
+        key = _constrain(key, kv_axes[0])
+        value = _constrain(value, kv_axes[1])
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(scores_eq, query, key, preferred_element_type=jnp.float32)
         if bias is not None:
             scores = scores + bias.astype(jnp.float32)
         weights = jax.nn.softmax(scores, axis=-1)
         if enable_dropout and c.dropout_rate > 0:
             weights = nn.Dropout(rate=c.dropout_rate)(weights, deterministic=False)
         weights = weights.astype(jnp.dtype(c.dtype))
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        out = jnp.einsum(out_eq, weights, value)
         out = self._dense("out", (d,), ("heads", "kv", "embed"), (h * kv) ** -0.5, contract_dims=2)(out)
         return _constrain(out, ("batch", "length", "embed"))
 
@@ -363,7 +365,7 @@ class DecoderLayer(nn.Module):
         x = x + _dropout(c, y, enable_dropout)
         y = _norm(c, "pre_cross_attention_layer_norm")(x)
         y = MultiHeadAttention(c, is_cross_attention=True, name="encoder_decoder_attention")(
-            y, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode
+            y, encoded, cross_bias, enable_dropout=enable_dropout, decode=decode, decode_position=decode_position
         )
         x = x + _dropout(c, y, enable_dropout)
         y = _norm(c, "pre_mlp_layer_norm")(x)
@@ -425,12 +427,12 @@ class Decoder(nn.Module):
             position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
             # The cache's key positions 0..max_decode_len-1 (its shape carries max_decode_len).
             key_positions = self.variable("cache", "key_positions", jnp.arange, decoder_tokens.shape[1])
-            decode_position = position.value
             if is_initialized:
+                decode_position = position.value
                 position.value = position.value + 1
                 self_bias = relpos(decode_position[None], key_positions.value)
             else:
-                self_bias = None  # cache initialisation pass: shapes only
+                self_bias = None  # cache initialisation pass: shapes only (decode_position None)
         else:
             positions = jnp.arange(decoder_tokens.shape[1])
             causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, NEG_INF)[None, None]
