@@ -226,21 +226,22 @@ def test_reranker_task_and_feature_converter(fixture):
     raw = {(_text(e["id"])): e for e in _examples("kard_obqa_reranker")}
     assert sorted(raw) == ["q1#r0", "q1#r2", "q1#r3", "q2#r0", "q2#r1"]
     e = raw["q2#r1"]
-    assert [_text(c) for c in e["candidate_ids"]] == ["p_rock", "p_iron", "p_glass"]
-    np.testing.assert_allclose(e["labels"], [0.0, 2.9, 3.0])
+    # Ordered by descending label, so truncation to n candidates keeps the rationale-relevant ones.
+    assert [_text(c) for c in e["candidate_ids"]] == ["p_glass", "p_iron", "p_rock"]
+    np.testing.assert_allclose(e["labels"], [3.0, 2.9, 0.0])
     assert _text(e["query_pretokenized"]) == Q2
     ds = seqio.get_dataset("kard_obqa_reranker", {"query": 64, "candidates": 6, "labels": 4},
                            feature_converters.RerankerFeatureConverter(), "train", shuffle=False)
     batch = [b for b in ds.as_numpy_iterator()][4]  # q2#r1
     assert batch["candidate_tokens"].shape == (4, 6) and batch["query_tokens"].shape == (64,)
-    for i, text in enumerate(["Rock. A rock is a solid made of minerals.",
+    for i, text in enumerate(["Glass? Glass is made by melting sand.",
                               "Iron. Iron is a strong metal that can rust in wet air.",
-                              "Glass? Glass is made by melting sand."]):
+                              "Rock. A rock is a solid made of minerals."]):
         expected = (vocab.encode(text)[:5] + [1] + [0] * 6)[:6]
         assert batch["candidate_tokens"][i].tolist() == expected
     assert batch["candidate_tokens"][3].tolist() == [0] * 6
     assert batch["candidate_mask"].tolist() == [1, 1, 1, 0]
-    np.testing.assert_allclose(batch["labels"], [0.0, 2.9, 3.0, 0.0])
+    np.testing.assert_allclose(batch["labels"], [3.0, 2.9, 0.0, 0.0])
     assert batch["query_tokens"].tolist() == (vocab.encode(Q2) + [1] + [0] * 64)[:64]
 
 

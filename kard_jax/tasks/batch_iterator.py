@@ -10,7 +10,7 @@ boundary.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -43,7 +43,12 @@ class SeqioBatchIterator:
         num_epochs: int | None = None,
         shard_index: int | None = None,
         num_shards: int | None = None,
+        register: Sequence[Callable[[], Any]] = (),
     ):
+        """`register`: callables run first (e.g. gin's `[@registry.register_kard_tasks]`) so the
+        task exists before it is looked up, as in `run.materialize`."""
+        for fn in register:
+            fn()
         if shard_index is None or num_shards is None:
             import jax
 

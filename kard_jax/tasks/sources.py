@@ -168,10 +168,17 @@ def reranker_records(
 ) -> Iterator[dict]:
     """Reranker: (question, candidates from rationale and question retrieval, labels) per kept
     rationale; `candidates(question_id, rationale_index)` gives passages and their labels (BM25
-    score of each candidate against the rationale). The query is the formatted question."""
+    score of each candidate against the rationale). The query is the formatted question.
+
+    Candidates are ordered by descending label (stable), so a converter that keeps only the first
+    n keeps the rationale-relevant ones (the rationale-retrieved extras of the union come last in
+    the retrieval cache). The reranker scores each candidate on its own, so order is not a signal.
+    """
     for ex in examples:
         for index, _ in kept_rationales(ex, rationales):
             passages, labels = candidates(ex.id, index)
+            order = sorted(range(len(labels)), key=lambda i: -float(labels[i]))
+            passages, labels = [passages[i] for i in order], [labels[i] for i in order]
             yield {
                 "id": f"{ex.id}#r{index}",
                 "question_id": ex.id,

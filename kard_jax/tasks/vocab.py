@@ -111,6 +111,7 @@ def _prompt_sentences() -> list[str]:
     for template in prompts.TEMPLATES.values():
         out += [template.instruction, template.knowledge_prefix.strip(), template.cue]
     out += [prompts.ANSWER_PREFIX + letter for letter in "ABCDE"]
+    out += ["Question: " + " ".join(f"{letter}. option" for letter in "ABCDE")]
     return out
 
 
@@ -153,7 +154,9 @@ def train_sentencepiece(
                 j = rng.randrange(seen)
                 if j < max_sentences:
                     sample[j] = text
-    sample += _prompt_sentences()
+    # Every student input and target carries this wording, so weight it as the inputs do
+    # (once per ~50 sentences) instead of once: it then gets whole-word pieces, never <unk>.
+    sample += _prompt_sentences() * max(1, len(sample) // 50)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
