@@ -455,6 +455,30 @@ def load_hf_params(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[t5.T5Co
 # Export.
 
 
+_ARCHITECTURE_FIELDS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj", "tie_word_embeddings",
+)
+
+
+def initial_params(hf_dir: str | os.PathLike, model_config: t5.T5Config) -> dict[str, Any]:
+    """Params of a local HF T5 directory, for `trainer.train(initial_checkpoint=...)`.
+
+    Checks that the checkpoint's architecture equals `model_config` (the run's model gin), so a
+    mismatch fails before training with the field named, instead of inside a shape error. Gin:
+    `INITIAL_CHECKPOINT = @hf_io.initial_params` with `hf_io.initial_params.hf_dir = '...'` and
+    `hf_io.initial_params.model_config = %MODEL_CONFIG`.
+    """
+    cfg, params = load_hf_params(hf_dir)
+    for field in _ARCHITECTURE_FIELDS:
+        ours, theirs = getattr(model_config, field), getattr(cfg, field)
+        if ours != theirs:
+            raise InputError(
+                f"the checkpoint has {field}={theirs!r} but the run's model config has {ours!r}",
+                path=pathlib.Path(hf_dir) / CONFIG_FILE, field=field,
+            )
+    return params
+
 def params_to_hf(params: Mapping[str, Any], cfg: t5.T5Config) -> dict[str, np.ndarray]:
     """Our (possibly boxed, possibly sharded) params -> HF state dict of float32 numpy arrays."""
     flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(meta.unbox(params)).items()}

@@ -1,5 +1,6 @@
 """hf_io: config mapping, export -> transformers reload (model + tokenizer), bitwise round trips,
 sharded / bfloat16 / torch .bin checkpoints, and clear errors with nothing written on bad input."""
+import dataclasses
 import io
 import json
 import random
@@ -306,3 +307,23 @@ def test_export_hf_gin_exports_a_training_checkpoint(tmp_path):
     loaded_cfg, loaded = hf_io.load_hf_params(tmp_path / "hf")
     assert loaded_cfg == cfg
     _assert_bitwise_equal(loaded, jax.tree.map(np.asarray, params))
+
+
+def test_initial_params_checks_the_architecture_and_starts_training(tmp_path):
+    """An HF directory initialises a training run; a config mismatch names the field first."""
+    from kard_jax.models.base import EncoderDecoderModel
+    from kard_jax.training import data_iterator, trainer
+
+    cfg = t5.preset_config("tiny", vocab_size=64, d_model=32, d_kv=8, d_ff=64)
+    variables = t5.T5(cfg).init(jax.random.PRNGKey(7), np.ones((1, 4), np.int32), np.ones((1, 3), np.int32))
+    params = meta.unbox(variables)["params"]
+    hf_io.export_hf(params, cfg, tmp_path / "hf")
+    with pytest.raises(InputError, match="field 'd_ff': the checkpoint has d_ff=64 but the run's model config has 128"):
+        hf_io.initial_params(tmp_path / "hf", dataclasses.replace(cfg, d_ff=128))
+    data = data_iterator.synthetic_copy_task(batch_size=8, vocab_size=64, max_length=6, seed=0)
+    state = trainer.train(
+        model_dir=tmp_path / "run", model=EncoderDecoderModel(t5.T5(cfg)), train_data=data, train_steps=0,
+        initial_checkpoint=lambda: hf_io.initial_params(tmp_path / "hf", cfg), async_checkpointing=False,
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
