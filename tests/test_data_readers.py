@@ -1,5 +1,4 @@
 """Benchmark readers: every format on hand-written fixtures, the real files, and bad input."""
-import gzip
 import json
 
 import pytest
@@ -7,16 +6,7 @@ import pytest
 from kard_jax.data.example import Example
 from kard_jax.data.readers import FieldMapping, infer_dataset, read_examples
 from kard_jax.errors import InputError
-
-
-def _write_jsonl(path, rows, *, gz=False):
-    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+from tests.jsonl_files import write_jsonl
 
 
 def test_kard_format_plain_and_gz_drops_empty_endings(tmp_path):
@@ -32,8 +22,8 @@ def test_kard_format_plain_and_gz_drops_empty_endings(tmp_path):
                 dataset="strategyqa"),
     ]
     (tmp_path / "strategyqa").mkdir()
-    plain = _write_jsonl(tmp_path / "strategyqa" / "train.jsonl", rows)
-    packed = _write_jsonl(tmp_path / "strategyqa" / "train.jsonl.gz", rows, gz=True)
+    plain = write_jsonl(tmp_path / "strategyqa" / "train.jsonl", rows)
+    packed = write_jsonl(tmp_path / "strategyqa" / "train.jsonl.gz", rows, gz=True)
     assert read_examples(plain) == expected
     assert read_examples(packed) == expected
     assert read_examples(plain, dataset="other")[0].dataset == "other"
@@ -41,7 +31,7 @@ def test_kard_format_plain_and_gz_drops_empty_endings(tmp_path):
 
 
 def test_kard_format_joins_sent2_and_numbers_missing_ids(tmp_path):
-    path = _write_jsonl(tmp_path / "dev.jsonl", [
+    path = write_jsonl(tmp_path / "dev.jsonl", [
         "",
         {"sent1": "The sun", "sent2": "is responsible for", "ending0": "a", "ending1": "b", "label": "1"},
     ])
@@ -51,7 +41,7 @@ def test_kard_format_joins_sent2_and_numbers_missing_ids(tmp_path):
 
 
 def test_native_medqa(tmp_path):
-    path = _write_jsonl(tmp_path / "medqa.jsonl", [
+    path = write_jsonl(tmp_path / "medqa.jsonl", [
         {"question": "Which drug blocks cell wall synthesis?", "answer": "Ceftriaxone",
          "options": {"B": "Ciprofloxacin", "A": "Gentamicin", "C": "Ceftriaxone", "D": "Trimethoprim"},
          "meta_info": "step1", "answer_idx": "C"},
@@ -74,7 +64,7 @@ def test_native_strategyqa_lines_and_json_array(tmp_path):
         Example(id="abc2", question="Do hamsters provide food for animals?", options=("yes", "no"), answer=0,
                 dataset="strategyqa"),
     ]
-    lines = _write_jsonl(tmp_path / "s.jsonl", rows)
+    lines = write_jsonl(tmp_path / "s.jsonl", rows)
     array = tmp_path / "strategyqa_train.json"
     array.write_text(json.dumps(rows, indent=2))
     assert read_examples(lines, format="strategyqa") == expected
@@ -90,7 +80,7 @@ def test_json_array_errors_report_the_line(tmp_path):
 
 
 def test_native_obqa(tmp_path):
-    path = _write_jsonl(tmp_path / "obqa.jsonl", [
+    path = write_jsonl(tmp_path / "obqa.jsonl", [
         {"id": "7-980", "question": {"stem": "The sun is responsible for", "choices": [
             {"text": "puppies learning new tricks", "label": "A"},
             {"text": "children growing up and getting old", "label": "B"},
@@ -120,7 +110,7 @@ def test_native_obqa(tmp_path):
      {"id": "x", "question": "Yes?", "label": True}, ("yes", "no"), 0),
 ])
 def test_mapped_format(tmp_path, mapping, row, expected_options, expected_answer):
-    path = _write_jsonl(tmp_path / "any.jsonl", [row])
+    path = write_jsonl(tmp_path / "any.jsonl", [row])
     (example,) = read_examples(path, format="mapped", dataset="mine", mapping=mapping)
     assert example.options == expected_options
     assert example.answer == expected_answer

@@ -1,6 +1,4 @@
 """Corpus ingestion, chunking, de-duplication and the memory-mapped PassageStore."""
-import gzip
-import json
 
 import numpy as np
 import pytest
@@ -9,16 +7,7 @@ from kard_jax.errors import InputError
 from kard_jax.knowledge import corpus
 from kard_jax.knowledge.corpus import Passage
 from kard_jax.knowledge.passage_store import PassageStore, build_passage_store
-
-
-def _write_jsonl(path, rows, gz=False):
-    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+from tests.jsonl_files import write_jsonl
 
 
 def test_chunking_with_stride_hand_fixture():
@@ -33,7 +22,7 @@ def test_chunking_with_stride_hand_fixture():
 
 
 def test_store_round_trip_lookup_dedup_and_tsv(tmp_path):
-    jsonl = _write_jsonl(tmp_path / "a.jsonl.gz", [
+    jsonl = write_jsonl(tmp_path / "a.jsonl.gz", [
         {"id": "p1", "title": "Café", "text": "Résumé of  the first passage."},
         {"id": 2, "text": "second passage, no title"},
         {"id": "p3", "title": "Dup", "text": "  résumé OF the first passage. "},  # same normalized text as p1
@@ -66,14 +55,14 @@ def test_store_round_trip_lookup_dedup_and_tsv(tmp_path):
 
 
 def test_store_without_dedup_keeps_duplicates(tmp_path):
-    src = _write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "x y"}, {"id": "b", "text": "X  y"}])
+    src = write_jsonl(tmp_path / "a.jsonl", [{"id": "a", "text": "x y"}, {"id": "b", "text": "X  y"}])
     store = build_passage_store([src], tmp_path / "s", dedup=False, show_progress=False)
     assert [p.id for p in store.get_many(range(len(store)))] == ["a", "b"]
 
 
 def test_id_lookup_many_rows(tmp_path):
     rows = [{"id": f"doc{i}", "text": f"text number {i}"} for i in range(3000)]
-    store = build_passage_store([_write_jsonl(tmp_path / "a.jsonl", rows)], tmp_path / "s", show_progress=False)
+    store = build_passage_store([write_jsonl(tmp_path / "a.jsonl", rows)], tmp_path / "s", show_progress=False)
     rng = np.random.default_rng(0)
     picks = rng.integers(0, 3000, size=200)
     np.testing.assert_array_equal(store.indices_of([f"doc{i}" for i in picks]), picks)
@@ -89,7 +78,7 @@ def test_id_lookup_many_rows(tmp_path):
     ([{"id": "a", "text": "one"}, {"id": "a", "text": "two"}], 2, "id", "duplicate passage id 'a'"),
 ])
 def test_bad_input_names_file_line_field_and_writes_nothing(tmp_path, rows, line, field, message):
-    src = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    src = write_jsonl(tmp_path / "bad.jsonl", rows)
     out = tmp_path / "store"
     with pytest.raises(InputError) as err:
         build_passage_store([src], out, show_progress=False)
@@ -102,19 +91,19 @@ def test_bad_input_names_file_line_field_and_writes_nothing(tmp_path, rows, line
 
 
 def test_empty_knowledge_base_and_skip_empty(tmp_path):
-    src = _write_jsonl(tmp_path / "empty.jsonl", ["", ""])
+    src = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
     with pytest.raises(InputError, match="knowledge base is empty"):
         build_passage_store([src], tmp_path / "s", show_progress=False)
     assert not (tmp_path / "s").exists()
-    src2 = _write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "text": ""}, {"id": "b", "text": "kept"}])
+    src2 = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "text": ""}, {"id": "b", "text": "kept"}])
     store = build_passage_store([src2], tmp_path / "s2", skip_empty_text=True, show_progress=False)
     assert [p.id for p in store.get_many(range(len(store)))] == ["b"]
     assert store.manifest["num_empty_skipped"] == 1
 
 
 def test_failed_rebuild_keeps_previous_store(tmp_path):
-    good = _write_jsonl(tmp_path / "good.jsonl", [{"id": "a", "text": "alpha"}])
-    bad = _write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    good = write_jsonl(tmp_path / "good.jsonl", [{"id": "a", "text": "alpha"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{oops"])
     build_passage_store([good], tmp_path / "s", show_progress=False)
     with pytest.raises(InputError):
         build_passage_store([bad], tmp_path / "s", show_progress=False)
