@@ -18,7 +18,7 @@ from __gin__ import dynamic_registration
 include 'runs/train_student.gin'
 from kard_jax.models import t5
 from kard_jax.training import partitioning
-import tests.test_training_helpers as helpers
+import tests.slow_training_data as helpers
 
 MODEL_CONFIG = @t5.preset_config()
 t5.preset_config.name = 'tiny'
