@@ -138,3 +138,18 @@ def load_embeddings(directory: str | os.PathLike) -> np.ndarray:
     if manifest.get("format") != _FORMAT:
         raise ValueError(f"{directory}: not a kard_jax embeddings directory")
     return np.concatenate([np.load(directory / name).astype(np.float32) for name in manifest["shards"]], axis=0)
+
+
+def embedder_from_hf(
+    hf_dir: str | os.PathLike, *, max_length: int = 256, batch_size: int = 64, mesh: Mesh | None = None
+) -> T5Embedder:
+    """A T5Embedder over a local Hugging Face T5 directory (its encoder, its spiece.model).
+
+    For gin (`build_kb.gin`/`retrieve.gin`: `EMBEDDER = @kard_jax.knowledge.embed.embedder_from_hf()`
+    with `EMBED_HF_DIR`); a trained student exported by `hf_io.export_hf` works as well.
+    """
+    from kard_jax import hf_io
+    from kard_jax.tokenizer import Tokenizer
+
+    config, params = hf_io.load_hf_params(hf_dir, dropout_rate=0.0)
+    return T5Embedder(config, params, Tokenizer(hf_dir), max_length=max_length, batch_size=batch_size, mesh=mesh)

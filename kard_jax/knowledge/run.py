@@ -7,12 +7,14 @@ embedder: embeddings/ (.npy shards) and dense_index/ (ScaNN or brute force).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import time
 from typing import Sequence
 
 from kard_jax.knowledge import atomic, bm25 as bm25_lib, embed as embed_lib, retrieval_cache, scann_index
+from kard_jax.errors import InputError
 from kard_jax.knowledge.passage_store import PassageStore, build_passage_store
 
 _FORMAT = "kard_jax.kb/1"
@@ -80,9 +82,14 @@ def retrieve(
     examples_format: str = "kard",
     dataset: str | None = None,
     config: retrieval_cache.RetrievalConfig = retrieval_cache.RetrievalConfig(),
+    embedder: "embed_lib.T5Embedder | None" = None,
     show_progress: bool = True,
 ) -> dict:
-    """Builds the retrieval cache of one split (train when `rationales_path` is given, else eval)."""
+    """Builds the retrieval cache of one split (train when `rationales_path` is given, else eval).
+
+    With `config.question_retriever == "dense"`, `embedder` embeds the questions (it must be the
+    one `build_kb` embedded the passages with) and the KB's dense index serves them.
+    """
     from kard_jax.data.readers import read_examples
     from kard_jax.teacher.store import read_rationales
 
@@ -90,8 +97,9 @@ def retrieve(
     examples = read_examples(examples_path, format=examples_format, dataset=dataset)
     rationales = read_rationales(rationales_path) if rationales_path else None
     store, index = load_kb(kb_dir)
+    dense = _dense_retriever(pathlib.Path(kb_dir), embedder) if config.question_retriever == "dense" else None
     manifest = retrieval_cache.build_retrieval_cache(
-        examples, output_dir, store=store, bm25=index, rationales=rationales, config=config,
+        examples, output_dir, store=store, bm25=index, rationales=rationales, config=config, dense=dense,
         inputs={"examples": os.path.abspath(examples_path), "kb_dir": os.path.abspath(kb_dir),
                 "rationales": os.path.abspath(rationales_path) if rationales_path else None},
         show_progress=show_progress,
@@ -101,3 +109,23 @@ def retrieve(
           f"({manifest['split_kind']}), top-{config.rationale_top_k} per rationale, "
           f"top-{config.question_top_k} per question, {time.time() - start:.1f} s -> {output_dir}")
     return manifest
+
+
+def _dense_retriever(kb_dir: pathlib.Path, embedder: "embed_lib.T5Embedder | None") -> retrieval_cache.DenseRetriever:
+    if embedder is None:
+        raise InputError("question_retriever='dense' needs an embedder (EMBEDDER in retrieve.gin)", field="embedder")
+    if not (kb_dir / "dense_index").is_dir():
+        raise InputError("the knowledge base has no dense index; build it with an EMBEDDER in build_kb.gin",
+                         path=kb_dir, field="dense_index")
+    vectors = embed_lib.load_embeddings(kb_dir / "embeddings")
+    if vectors.shape[1] != embedder.dim:
+        raise InputError(f"passages were embedded with dimension {vectors.shape[1]}, the embedder gives "
+                         f"{embedder.dim}: use the embedder the KB was built with", path=kb_dir / "embeddings",
+                         field="embedder")
+    embeddings_manifest = (kb_dir / "embeddings" / "manifest.json").read_text()
+    return retrieval_cache.DenseRetriever(
+        embed_queries=embedder.embed,
+        searcher=scann_index.load_dense_index(kb_dir / "dense_index"),
+        passage_vectors=vectors,
+        fingerprint=json.dumps({"embeddings": json.loads(embeddings_manifest), "dim": embedder.dim}, sort_keys=True),
+    )
