@@ -10,6 +10,7 @@ import sentencepiece as spm
 from flax.core import meta
 
 from kard_jax.data import prompts
+from kard_jax.data.query import question_query
 from kard_jax.data.example import Example
 from kard_jax.inference import rerank
 from kard_jax.knowledge import run as knowledge_run
@@ -106,7 +107,9 @@ def _numpy_kl_and_metrics(scores, labels, mask, tau1, tau2):
 
 def test_kl_loss_metrics_and_gradients_match_numpy(small_batch):
     tau1, tau2 = 2.0, 0.5
-    model = reranker.RerankerModel(CFG, proj_dim=PROJ, tau1=tau1, tau2=tau2)
+    # Raw labels (Eq. 3 as written); the default per-question standardisation is tested in
+    # tests/test_reranker_backbones.py.
+    model = reranker.RerankerModel(CFG, proj_dim=PROJ, tau1=tau1, tau2=tau2, label_normalization="none")
     params = _init(model, seed=1)
     batch = {k: jnp.asarray(v) for k, v in small_batch.items()}
     scores = np.asarray(reranker.score_candidates(model, params, batch["query_tokens"], batch["candidate_tokens"]))
@@ -215,13 +218,13 @@ def test_reranked_passages_are_bm25_candidates_in_model_score_order(tiny_kb):
                                             n_docs=n_docs, query_length=lq, candidate_length=lc, batch_size=2)
     got = passages_for(examples)
     store, bm25 = knowledge_run.load_kb(kb_dir)
-    indices, _ = bm25.search([prompts.format_question(e) for e in examples], k=n_candidates)
+    indices, _ = bm25.search([question_query(e) for e in examples], k=n_candidates)
     reordered = 0
     for e, row, chosen in zip(examples, indices, got):
         texts = [prompts.format_passage(p.title, p.text) for p in store.get_many(row)]
         assert len(chosen) == n_docs and set(chosen) <= set(texts)
         # Independent reference: score this question alone (batch of 1, no batch padding).
-        q = tok.batch_encode([prompts.format_question(e)], lq)
+        q = tok.batch_encode([question_query(e)], lq)  # the default query form
         c = tok.batch_encode(texts, lc)[None]
         scores = np.asarray(reranker.score_candidates(model, params, q, c))[0]
         want = [texts[i] for i in np.argsort(-scores, kind="stable")[:n_docs]]

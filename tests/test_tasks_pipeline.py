@@ -229,7 +229,8 @@ def test_reranker_task_and_feature_converter(fixture):
     # Ordered by descending label, so truncation to n candidates keeps the rationale-relevant ones.
     assert [_text(c) for c in e["candidate_ids"]] == ["p_glass", "p_iron", "p_rock"]
     np.testing.assert_allclose(e["labels"], [3.0, 2.9, 0.0])
-    assert _text(e["query_pretokenized"]) == Q2
+    # The query is the retrieval cache's question query (no query_form recorded: the bare question).
+    assert _text(e["query_pretokenized"]) == "Which is a metal?"
     ds = seqio.get_dataset("kard_obqa_reranker", {"query": 64, "candidates": 6, "labels": 4},
                            feature_converters.RerankerFeatureConverter(), "train", shuffle=False)
     batch = [b for b in ds.as_numpy_iterator()][4]  # q2#r1
@@ -242,7 +243,7 @@ def test_reranker_task_and_feature_converter(fixture):
     assert batch["candidate_tokens"][3].tolist() == [0] * 6
     assert batch["candidate_mask"].tolist() == [1, 1, 1, 0]
     np.testing.assert_allclose(batch["labels"], [3.0, 2.9, 0.0, 0.0])
-    assert batch["query_tokens"].tolist() == (vocab.encode(Q2) + [1] + [0] * 64)[:64]
+    assert batch["query_tokens"].tolist() == (vocab.encode("Which is a metal?") + [1] + [0] * 64)[:64]
 
 
 def test_metrics_accuracy_and_unparsed_counts(fixture):

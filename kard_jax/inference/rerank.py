@@ -1,8 +1,9 @@
-"""Inference-time reranking (KARD Sec. 3.3): BM25 top-`n_candidates` passages by the question,
-rescored by the late-interaction reranker; the top `n_docs` go into the student's prompt.
+"""Inference-time reranking (KARD Sec. 3.3): candidates retrieved with the question query (BM25
+top-`n_candidates`, or dense), rescored by the trained reranker; the top `n_docs` go into the
+student's prompt.
 
 The query and passage texts are exactly the reranker's training texts
-(`prompts.format_question`, `prompts.format_passage`, as in `kard_jax.tasks.sources`), tokenized
+(`question_query`, `prompts.format_passage`, as in `kard_jax.tasks.sources`), tokenized
 TensorFlow-free with the same SentencePiece ids and EOS handling as seqio.
 """
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kard_jax.data import prompts
 from kard_jax.data.example import Example
+from kard_jax.data.query import DEFAULT_QUERY_FORM, check_query_form, question_query
 from kard_jax.errors import InputError
-from kard_jax.inference.pipeline import PassageFn
+from kard_jax.inference.passages import KnowledgeBase, PassageFn, Ranker, bm25_ranker, passages_from
 from kard_jax.models import reranker as reranker_lib
 from kard_jax.tokenizer import Tokenizer
 
@@ -23,6 +24,56 @@ from kard_jax.tokenizer import Tokenizer
 def rerank_order(scores: np.ndarray) -> np.ndarray:
     """Candidate positions by descending score; ties keep the BM25 order (stable)."""
     return np.argsort(-np.asarray(scores), axis=-1, kind="stable")
+
+
+def reranked_ranker(
+    kb: KnowledgeBase,
+    candidates: Ranker,
+    *,
+    model: reranker_lib.LateInteractionReranker | reranker_lib.RerankerModel,
+    params: Any,
+    tokenizer: Tokenizer,
+    query_form: str = DEFAULT_QUERY_FORM,
+    query_length: int = 128,
+    candidate_length: int = 256,
+    batch_size: int = 8,
+) -> Ranker:
+    """A Ranker: the `candidates` ranker's list for each question (BM25 or dense by the question
+    query), reordered by the reranker's scores (ties keep the candidate order).
+
+    Every call scores `batch_size` questions at a time with fixed shapes ([batch_size,
+    query_length], [batch_size, n, candidate_length]), so the scorer compiles once per list length.
+    """
+    check_query_form(query_form)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
+
+    def score_chunk(queries: list[str], texts: list[list[str]]) -> np.ndarray:
+        pad = batch_size - len(queries)
+        width = max(len(row) for row in texts)
+        query_tokens = tokenizer.batch_encode(queries + [""] * pad, query_length)
+        flat = [t for row in texts for t in row + [""] * (width - len(row))] + [""] * (pad * width)
+        cand_tokens = tokenizer.batch_encode(flat, candidate_length).reshape(batch_size, width, candidate_length)
+        scores = np.array(reranker_lib.score_candidates(model, params, query_tokens, cand_tokens))[: len(queries)]
+        for i, row in enumerate(texts):  # padded slots last
+            scores[i, len(row):] = -np.inf
+        return scores
+
+    def rank(examples: Sequence[Example]) -> list[list[int]]:
+        lists = candidates(examples)
+        out: list[list[int]] = []
+        for start in range(0, len(examples), batch_size):
+            rows = lists[start:start + batch_size]
+            queries = [question_query(e, query_form) for e in examples[start:start + batch_size]]
+            if not any(rows):
+                out.extend([] for _ in rows)
+                continue
+            scores = score_chunk(queries, [kb.texts(row) for row in rows])
+            for row, order in zip(rows, rerank_order(scores)):
+                out.append([row[i] for i in order[: len(row)]])
+        return out
+
+    return rank
 
 
 def reranked_passages(
@@ -33,45 +84,18 @@ def reranked_passages(
     tokenizer: Tokenizer,
     n_candidates: int = 100,
     n_docs: int = 1,
+    query_form: str = DEFAULT_QUERY_FORM,
     query_length: int = 128,
     candidate_length: int = 256,
     batch_size: int = 8,
 ) -> PassageFn:
-    """A PassageFn: BM25 top-`n_candidates` by the question, reranked, top `n_docs` formatted.
-
-    Every call scores `batch_size` questions at a time with fixed shapes ([batch_size,
-    query_length], [batch_size, n_candidates', candidate_length], n_candidates' = min(n_candidates,
-    KB size)), so the scorer compiles once.
-    """
-    from kard_jax.knowledge import run as knowledge_run
-
+    """A PassageFn: BM25 top-`n_candidates` by the question query, reranked, top `n_docs` formatted."""
     if n_candidates < 1 or n_docs < 0 or n_docs > n_candidates or batch_size < 1:
         raise InputError(f"need n_candidates >= 1, 0 <= n_docs <= n_candidates, batch_size >= 1; got "
                          f"n_candidates={n_candidates}, n_docs={n_docs}, batch_size={batch_size}",
                          field="reranked_passages")
-    store, bm25 = knowledge_run.load_kb(kb_dir)
-
-    def score_chunk(queries: list[str], candidates: list[list[str]]) -> np.ndarray:
-        pad = batch_size - len(queries)
-        width = len(candidates[0])
-        query_tokens = tokenizer.batch_encode(queries + [""] * pad, query_length)
-        flat = [text for row in candidates for text in row] + [""] * (pad * width)
-        cand_tokens = tokenizer.batch_encode(flat, candidate_length).reshape(batch_size, width, candidate_length)
-        scores = reranker_lib.score_candidates(model, params, query_tokens, cand_tokens)
-        return np.asarray(scores)[: len(queries)]
-
-    def passages_for(examples: Sequence[Example]) -> list[list[str]]:
-        if n_docs == 0 or not examples:
-            return [[] for _ in examples]
-        queries = [prompts.format_question(e) for e in examples]
-        indices, _ = bm25.search(queries, k=n_candidates)
-        out: list[list[str]] = []
-        for start in range(0, len(examples), batch_size):
-            rows = indices[start:start + batch_size]
-            texts = [[prompts.format_passage(p.title, p.text) for p in store.get_many(row)] for row in rows]
-            scores = score_chunk(queries[start:start + batch_size], texts)
-            for row_texts, order in zip(texts, rerank_order(scores)):
-                out.append([row_texts[i] for i in order[:n_docs]])
-        return out
-
-    return passages_for
+    kb = KnowledgeBase(kb_dir)
+    ranker = reranked_ranker(kb, bm25_ranker(kb, n_candidates, query_form), model=model, params=params,
+                             tokenizer=tokenizer, query_form=query_form, query_length=query_length,
+                             candidate_length=candidate_length, batch_size=batch_size)
+    return passages_from(kb, ranker, n_docs)

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kard_jax.data.example import Example
+from kard_jax.data.query import check_query_form, question_query
 from kard_jax.errors import InputError
 from kard_jax.knowledge import atomic
 from kard_jax.knowledge.bm25 import BM25Index
@@ -43,7 +44,7 @@ class RetrievalConfig:
     question_top_k: int = 100  # candidates per question (reranker 'q' set; eval rerank pool)
     union_rationale_candidates: bool = True  # train candidates = question top-N U rationale top-k
     question_retriever: str = "bm25"  # "bm25" | "dense"
-    question_with_options: bool = False  # query = question + " " + options joined by spaces
+    query_form: str = "question"  # kard_jax.data.query.QUERY_FORMS: the ONE question query of every stage
     rows_per_shard: int = 50_000
     batch_size: int = 128  # questions per retrieval batch
 
@@ -69,7 +70,7 @@ def _versions() -> dict[str, str]:
 
 
 def _query_text(example: Example, config: RetrievalConfig) -> str:
-    return f"{example.question} {' '.join(example.options)}" if config.question_with_options else example.question
+    return question_query(example, config.query_form)
 
 
 class _ShardedJsonlWriter:
@@ -128,6 +129,7 @@ def build_retrieval_cache(
         raise InputError(f"BM25 index has {bm25.num_docs} passages but the store has {len(store)}", path=store.directory)
     if config.question_retriever not in ("bm25", "dense"):
         raise ValueError(f"question_retriever must be 'bm25' or 'dense', got {config.question_retriever!r}")
+    check_query_form(config.query_form)
     if config.question_retriever == "dense" and dense is None:
         raise ValueError("question_retriever='dense' needs a DenseRetriever")
     seen = set()

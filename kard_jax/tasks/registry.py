@@ -24,6 +24,7 @@ import seqio
 from tqdm.auto import tqdm
 
 from kard_jax.data import prompts
+from kard_jax.data.splits import VALIDATION_SPLIT, is_held_out
 from kard_jax.data.example import Example
 from kard_jax.data.readers import read_examples
 from kard_jax.errors import InputError
@@ -34,6 +35,11 @@ RERANKER_VARIANT = "reranker"
 EVAL_PASSAGE_SOURCES = ("question", "oracle", "ranking")
 TRAIN_SPLIT = "train"
 DEFAULT_SHUFFLE_BUFFER = 10_000
+
+
+# Task name -> (variant, the `register_kard_tasks` arguments it was registered with): what
+# `kard_jax.tasks.cache` records in a materialized task's manifest and checks when reading it back.
+TASK_SETTINGS: dict[str, tuple[str, dict]] = {}
 
 
 def task_name(dataset: str, variant: str) -> str:
@@ -79,6 +85,9 @@ class KardData:
         n_passages: int,
         budget: sources.Budget,
         example_format: str,
+        query_form: str | None,
+        reranker_max_candidates: int | None = None,
+        reranker_holdout_fraction: float = 0.0,
     ):
         self.dataset = dataset
         self.split_paths = {TRAIN_SPLIT: train_path, **dict(eval_paths)}
@@ -91,6 +100,23 @@ class KardData:
         self.n_passages = n_passages
         self.budget = budget
         self.example_format = example_format
+        self._query_form = query_form
+        self.reranker_max_candidates = reranker_max_candidates
+        self.reranker_holdout_fraction = reranker_holdout_fraction
+
+    @functools.cached_property
+    def query_form(self) -> str:
+        """The question query of the reranker records: the one the retrieval cache retrieved the
+        candidates with (its manifest), so training queries and candidates cannot disagree."""
+        from kard_jax.knowledge import atomic
+
+        manifest_path = pathlib.Path(self.retrieval_cache_dir) / "manifest.json"
+        cached = atomic.read_json(manifest_path).get("config", {}).get("query_form", "question")
+        if self._query_form is not None and self._query_form != cached:
+            raise InputError(f"the retrieval cache was built with query_form={cached!r} but the task asks for "
+                             f"{self._query_form!r}; rebuild the cache or use the same QUERY_FORM",
+                             path=manifest_path, field="query_form")
+        return cached
 
     @functools.lru_cache(maxsize=None)
     def examples(self, split: str) -> list[Example]:
@@ -212,7 +238,13 @@ class KardData:
                                  path=cache, field="labels")
             return self.passages(row["candidate_ids"], source=cache), labels
 
-        records = sources.reranker_records(self.examples(split), self.rationales, candidates, self.budget.template)
+        if split not in (TRAIN_SPLIT, VALIDATION_SPLIT):
+            raise InputError(f"the reranker task has splits 'train' and 'validation', not {split!r}", field="split")
+        held_out = split == VALIDATION_SPLIT
+        examples = [e for e in self.examples(TRAIN_SPLIT)
+                    if is_held_out(e.id, self.reranker_holdout_fraction) == held_out]
+        records = sources.reranker_records(examples, self.rationales, candidates, self.query_form,
+                                           max_candidates=self.reranker_max_candidates)
         return self._progress(records, split, RERANKER_VARIANT)
 
 
@@ -261,6 +293,9 @@ def register_kard_tasks(
     prompt_template: str | None = None,
     extra_ids: int = vocab_lib.T5_EXTRA_IDS,
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
+    query_form: str | None = None,
+    reranker_max_candidates: int | None = None,
+    reranker_holdout_fraction: float = 0.0,
 ) -> list[str]:
     """Register every KARD task the given files allow; returns the registered names.
 
@@ -273,8 +308,13 @@ def register_kard_tasks(
     a rationale of the eval question) or "ranking" (`eval_rankings`: JSON lines
     {"question_id", "passage_ids"} written by a reranker / dense retriever). `prompt_template`
     names the prompt wording (a dataset or family known to `prompts.template_for`; default
-    `dataset`), so variants such as "medqa_pubmed" can reuse a dataset's template.
+    `dataset`), so variants such as "medqa_pubmed" can reuse a dataset's template. `query_form`
+    (`kard_jax.data.query`): the reranker's question query; None takes the retrieval cache's, a
+    different one is refused. `reranker_max_candidates`: candidates per reranker record (chosen by
+    `sources.select_candidates` before tokenizing); `reranker_holdout_fraction`: questions
+    (`kard_jax.data.is_held_out`) moved from the reranker's 'train' split to 'validation'.
     """
+    arguments = dict(locals())  # first: every argument, for TASK_SETTINGS (the task cache's fingerprint)
     if eval_passage_source not in EVAL_PASSAGE_SOURCES:
         raise InputError(f"eval_passage_source must be one of {EVAL_PASSAGE_SOURCES}, got {eval_passage_source!r}",
                          field="eval_passage_source")
@@ -303,6 +343,9 @@ def register_kard_tasks(
         n_passages=n_passages,
         budget=budget,
         example_format=example_format,
+        query_form=query_form,
+        reranker_max_candidates=reranker_max_candidates,
+        reranker_holdout_fraction=reranker_holdout_fraction,
     )
     all_splits = [TRAIN_SPLIT, *eval_paths]
     names = [_student_task(task_name(dataset, "ft"), data.ft, all_splits, vocab, shuffle_buffer_size)]
@@ -316,7 +359,8 @@ def register_kard_tasks(
         names.append(_add_task(
             task_name(dataset, RERANKER_VARIANT),
             source=seqio.FunctionDataSource(
-                preprocessors.make_dataset_fn(data.reranker, preprocessors.RERANKER_SIGNATURE), splits=[TRAIN_SPLIT]
+                preprocessors.make_dataset_fn(data.reranker, preprocessors.RERANKER_SIGNATURE),
+                splits=[TRAIN_SPLIT] + ([VALIDATION_SPLIT] if reranker_holdout_fraction > 0 else []),
             ),
             output_features={"query": seqio.Feature(vocabulary=reranker_vocab, add_eos=True, required=True)},
             preprocessors=[
@@ -332,6 +376,8 @@ def register_kard_tasks(
     if eval_paths and kb_dir and has_eval_passages:
         names.append(_student_task(task_name(dataset, "kard_eval"), data.kard_eval, list(eval_paths), vocab,
                                    shuffle_buffer_size))
+    for name in names:
+        TASK_SETTINGS[name] = (name[len(task_name(dataset, "")):], arguments)
     return names
 
 

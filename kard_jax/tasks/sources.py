@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from kard_jax.data import prompts
 from kard_jax.data.example import Example
+from kard_jax.data.query import question_query
 from kard_jax.data.readers import iter_json_records
 from kard_jax.errors import InputError
 
@@ -160,11 +161,35 @@ def eval_records(
         )
 
 
+def select_candidates(labels: Sequence[float], max_candidates: int | None) -> list[int]:
+    """Positions of the candidates a reranker record keeps, at most `max_candidates`.
+
+    The retrieval cache lists a question's candidates in question-retrieval order (then the
+    rationales' extras). Half the budget (rounded up) goes to the best candidates by label (what
+    the rationale retrieves), the rest to the question's own top candidates not already kept, so
+    training sees both the positives and the hard negatives inference will rerank (the KARD
+    release samples 4 by rationale + 4 by question). Returned in cache order.
+    """
+    n = len(labels)
+    if max_candidates is None or n <= max_candidates:
+        return list(range(n))
+    if max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
+    by_label = sorted(range(n), key=lambda i: -float(labels[i]))
+    kept = set(by_label[: (max_candidates + 1) // 2])
+    for i in range(n):
+        if len(kept) >= max_candidates:
+            break
+        kept.add(i)
+    return sorted(kept)
+
+
 def reranker_records(
     examples: Iterable[Example],
     rationales: Mapping[str, Sequence[str]],
     candidates: Callable[[str, int], tuple[Sequence[PassageLike], Sequence[float]]],
-    template: prompts.PromptTemplate,
+    query_form: str,
+    max_candidates: int | None = None,
 ) -> Iterator[dict]:
     """Reranker: (question, candidates from rationale and question retrieval, labels) per kept
     rationale; `candidates(question_id, rationale_index)` gives passages and their labels (BM25
@@ -177,13 +202,15 @@ def reranker_records(
     for ex in examples:
         for index, _ in kept_rationales(ex, rationales):
             passages, labels = candidates(ex.id, index)
+            keep = select_candidates(labels, max_candidates)
+            passages, labels = [passages[i] for i in keep], [labels[i] for i in keep]
             order = sorted(range(len(labels)), key=lambda i: -float(labels[i]))
             passages, labels = [passages[i] for i in order], [labels[i] for i in order]
             yield {
                 "id": f"{ex.id}#r{index}",
                 "question_id": ex.id,
                 "rationale_index": index,
-                "query": prompts.format_question(ex, template),
+                "query": question_query(ex, query_form),
                 "candidates": [prompts.format_passage(p.title, p.text) for p in passages],
                 "candidate_ids": [p.id for p in passages],
                 "labels": [float(x) for x in labels],

@@ -1,0 +1,200 @@
+"""Reranker evaluation (gin_configs/runs/eval_reranker.gin): how well a passage ranking made with
+the question alone finds the passages rationale-based retrieval finds (KARD Fig. 4c).
+
+Definitions (one place):
+  silver passages of a question   the union, over its kept teacher rationales, of the top
+                                  `silver_top_k` passages by BM25 with the rationale as the query
+                                  (what the student is trained with, `kard` task, n_passages=1)
+  Hits@k                          share of questions whose ranking has a silver passage among its
+                                  first k
+  MRR                             mean of 1 / (rank of the first silver passage), 0 when the list
+                                  (of `n_candidates`) holds none
+
+Rankings compared on the same questions: BM25 by the question query, dense by the question query
+(when the KB has a dense index and an embedder is given), the trained reranker over the BM25
+candidates, the same reranker untrained (its initialisation), and the BM25 candidates in random
+order. Questions can be restricted to the held-out ones of reranker training
+(`kard_jax.data.splits.is_held_out`, the same fraction as `registry.register_kard_tasks`).
+Writes metrics.json (and TensorBoard scalars) to `out_dir`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kard_jax.data.example import Example
+from kard_jax.data.query import DEFAULT_QUERY_FORM, check_query_form
+from kard_jax.data.splits import is_held_out
+from kard_jax.errors import InputError
+from kard_jax.inference import passages as passages_lib
+from kard_jax.knowledge import atomic
+
+DEFAULT_KS = (1, 3, 5, 10)
+
+
+def silver_sets(kb: passages_lib.KnowledgeBase, rationales: Mapping[str, Sequence[str]],
+                question_ids: Sequence[str], silver_top_k: int = 1) -> dict[str, set[int]]:
+    """question id -> store positions of its silver passages (see the module docstring)."""
+    flat = [(qid, " ".join(r.split())) for qid in question_ids for r in rationales.get(qid, ()) if r.strip()]
+    out: dict[str, set[int]] = {qid: set() for qid in question_ids}
+    if flat:
+        indices, _ = kb.bm25.search([text for _, text in flat], k=silver_top_k)
+        for (qid, _), row in zip(flat, indices):
+            out[qid].update(int(i) for i in row)
+    return out
+
+
+def ranking_metrics(rankings: Sequence[Sequence[int]], silver: Sequence[set[int]],
+                    ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Hits@k and MRR of `rankings` (store positions, best first) against the silver sets."""
+    if len(rankings) != len(silver):
+        raise ValueError("one ranking per silver set")
+    if not rankings:
+        return {**{f"hits@{k}": 0.0 for k in ks}, "mrr": 0.0, "num_questions": 0}
+    first = []
+    for ranking, gold in zip(rankings, silver):
+        rank = next((i + 1 for i, p in enumerate(ranking) if p in gold), None)
+        first.append(rank)
+    out = {f"hits@{k}": float(np.mean([r is not None and r <= k for r in first])) for k in ks}
+    out["mrr"] = float(np.mean([0.0 if r is None else 1.0 / r for r in first]))
+    out["num_questions"] = len(rankings)
+    return out
+
+
+def random_order_ranker(candidates: passages_lib.Ranker, seed: int = 0) -> passages_lib.Ranker:
+    """The candidates' list in a random order (the floor a reranker must beat)."""
+    rng = np.random.default_rng(seed)
+
+    def rank(examples: Sequence[Example]) -> list[list[int]]:
+        return [list(rng.permutation(row)) for row in candidates(examples)]
+
+    return rank
+
+
+def evaluate_rankers(examples: Sequence[Example], rankers: Mapping[str, passages_lib.Ranker],
+                     silver: Mapping[str, set[int]], *, ks: Sequence[int] = DEFAULT_KS,
+                     batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """metrics per ranker name, over the examples that have at least one silver passage."""
+    judged = [e for e in examples if silver.get(e.id)]
+    if not judged:
+        raise InputError("no evaluated question has a silver passage (no kept rationale for any of them): "
+                         "nothing to judge the rankings against", field="rationales_path")
+    out = {}
+    for name, ranker in rankers.items():
+        rankings: list[list[int]] = []
+        for start in tqdm(range(0, len(judged), batch_size), desc=f"rank:{name}", unit="batch", mininterval=2.0):
+            rankings.extend(ranker(judged[start:start + batch_size]))
+        out[name] = ranking_metrics(rankings, [silver[e.id] for e in judged], ks)
+    return out
+
+
+def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DEFAULT_KS) -> str:
+    header = "| ranking | " + " | ".join(f"Hits@{k}" for k in ks) + " | MRR | questions |"
+    lines = [header, "|" + "---|" * (len(ks) + 3)]
+    for name, m in results.items():
+        cells = " | ".join(f"{100 * m[f'hits@{k}']:.1f}" for k in ks)
+        lines.append(f"| {name} | {cells} | {m['mrr']:.3f} | {m['num_questions']} |")
+    return "\n".join(lines)
+
+
+def eval_reranker(
+    *,
+    examples_path: str,
+    rationales_path: str,
+    kb_dir: str,
+    out_dir: str,
+    query_form: str = DEFAULT_QUERY_FORM,
+    n_candidates: int = 100,
+    silver_top_k: int = 1,
+    holdout_fraction: float | None = None,
+    limit: int | None = None,
+    examples_format: Any = "kard",
+    dataset: str | None = None,
+    reranker: Any = None,
+    reranker_checkpoint: str | None = None,
+    vocab_path: str | None = None,
+    query_length: int = 128,
+    candidate_length: int = 256,
+    include_untrained: bool = True,
+    embedder: Any = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict:
+    """Hits@k / MRR of bm25, dense, reranked, untrained and random rankings against the silver
+    passages; writes `out_dir`/metrics.json + results.md + TensorBoard scalars and returns the metrics.
+
+    `holdout_fraction`: evaluate only the questions held out of reranker training with this
+    fraction (the training gin's RERANKER_HOLDOUT); None evaluates every question of the file.
+    """
+    from kard_jax.data.readers import read_examples
+    from kard_jax.teacher.store import read_rationales
+
+    check_query_form(query_form)
+    start = time.time()
+    examples = read_examples(examples_path, format=examples_format, dataset=dataset)
+    if holdout_fraction:
+        examples = [e for e in examples if is_held_out(e.id, holdout_fraction)]
+    examples = examples[:limit]
+    if not examples:
+        raise InputError("no examples to evaluate (after the held-out selection)", path=examples_path)
+    rationales = read_rationales(rationales_path)
+    kb = passages_lib.KnowledgeBase(kb_dir)
+    silver = silver_sets(kb, rationales, [e.id for e in examples], silver_top_k)
+    bm25 = passages_lib.bm25_ranker(kb, n_candidates, query_form)
+    rankers: dict[str, passages_lib.Ranker] = {"bm25": bm25}
+    if embedder is not None:
+        rankers["dense"] = passages_lib.dense_ranker(kb, n_candidates, query_form, embedder)
+    if reranker_checkpoint is not None:
+        if reranker is None or vocab_path is None:
+            raise InputError("reranker_checkpoint needs reranker (its model config) and vocab_path", field="reranker")
+        import jax
+
+        from kard_jax.inference import rerank, run as run_lib
+        from kard_jax.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(vocab_path)
+        common = dict(tokenizer=tokenizer, query_form=query_form, query_length=query_length,
+                      candidate_length=candidate_length, batch_size=batch_size)
+        trained = run_lib.load_reranker_params(reranker_checkpoint, reranker, query_length, candidate_length)
+        rankers["reranked"] = rerank.reranked_ranker(kb, bm25, model=reranker, params=trained, **common)
+        if include_untrained:
+            shapes = {"query_tokens": (1, query_length), "candidate_tokens": (1, 1, candidate_length)}
+            untrained = reranker.get_initial_variables(jax.random.PRNGKey(seed), shapes)["params"]
+            rankers["untrained reranker"] = rerank.reranked_ranker(kb, bm25, model=reranker, params=untrained,
+                                                                   **common)
+    rankers["random order"] = random_order_ranker(bm25, seed)
+    results = evaluate_rankers(examples, rankers, silver, ks=ks)
+    metrics = {
+        "rankings": results,
+        "definition": "Hits@k: share of questions with a silver passage (BM25 top-"
+                      f"{silver_top_k} by any kept rationale) among the first k; MRR over {n_candidates} candidates",
+        "examples": os.path.abspath(examples_path), "kb_dir": os.path.abspath(kb_dir), "query_form": query_form,
+        "n_candidates": n_candidates, "holdout_fraction": holdout_fraction,
+        "reranker": None if reranker_checkpoint is None else os.path.abspath(reranker_checkpoint),
+        "seconds": round(time.time() - start, 2),
+    }
+    out = pathlib.Path(out_dir)
+    table = format_table(results, ks)
+    atomic.write_text(out / "results.md", table + "\n")
+    import json
+
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_scalars(out, results)
+    print(table, flush=True)
+    print(f"kard_jax eval_reranker: {len(examples)} questions, {metrics['seconds']} s -> {out_dir}", flush=True)
+    return metrics
+
+
+def _write_scalars(out: pathlib.Path, results: Mapping[str, Mapping[str, float]]) -> None:
+    from kard_jax.training import metrics as metrics_lib
+
+    writer = metrics_lib.MetricsWriter(out / "tensorboard", enabled=True)
+    for name, m in results.items():
+        writer.write_scalars(0, {f"{name.replace(' ', '_')}/{k}": v for k, v in m.items() if k != "num_questions"})
+    writer.close()
