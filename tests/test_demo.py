@@ -1,61 +1,113 @@
-"""The README's main job (the whole pipeline on a small generated world), and the evaluation run
-gin (runs/infer.gin) on what it produced: checkpoint, HF export and reranker paths."""
+"""The README's main job on a small generated world: the world's properties (held-out creatures,
+paraphrases that defeat BM25 by question), the whole comparison end to end (FT, RD, KARD-BM25,
+KARD-reranker, silver), the exported student in transformers, and the evaluation run gin on
+what the demo produced."""
 import json
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from kard_jax import hf_io
-from kard_jax.demo import pipeline, world
+from kard_jax.demo import pipeline, teacher_server, world
 from kard_jax.inference.pipeline import DecodeConfig
 from kard_jax.models import t5
-from kard_jax.training import checkpoints, optimizers, partitioning
+from kard_jax.training import partitioning
 from tests.test_gin_configs import ROOT
 
-CFG = t5.preset_config("tiny", vocab_size=512, d_model=32, d_kv=8, d_ff=64)
-INPUT_LENGTH, MAX_DECODE = 160, 16
+CFG = t5.preset_config("tiny", vocab_size=512)
+INPUT_LENGTH, TARGET_LENGTH, MAX_DECODE = 128, 48, 40
+SMALL_WORLD = world.WorldConfig(num_train_entities=40, num_test_entities=8, seed=0)
 
 
-def test_world_is_deterministic_and_has_one_wrong_rationale_per_question():
-    a, b = world.generate(world.WorldConfig(seed=3)), world.generate(world.WorldConfig(seed=3))
-    assert a == b and a != world.generate(world.WorldConfig(seed=4))
-    for row, rats in zip(a["train"], a["rationales"]):
-        letter = "ABCD"[row["label"]]
-        assert [f"({letter})" in r for r in rats["rationales"]] == [True, True, False]
-        gold = row[f"ending{row['label']}"]
-        assert all(gold in r for r in rats["rationales"])  # every rationale cites the deciding fact
+def test_world_holds_out_test_creatures_and_has_both_phrasings():
+    a, b = world.generate(SMALL_WORLD), world.generate(SMALL_WORLD)
+    assert a == b and a != world.generate(world.WorldConfig(num_train_entities=40, num_test_entities=8, seed=1))
+    train_entities = {q.entity for q in a["train"]}
+    test_entities = {q.entity for q in a["test"]}
+    assert test_entities and not train_entities & test_entities
+    assert {q.phrasing for q in a["test"]} == {"direct", "paraphrase"}
+    kb_text = " ".join(p["text"] for p in a["kb"])
+    for q in a["test"]:  # the knowledge base covers every held-out creature's facts
+        assert world.fact_sentence(q.entity, q.attribute, q.options[q.answer]) in kb_text
+        assert q.options == world.VALUES[q.attribute]  # the questionnaire's fixed option order
+
+
+def test_teacher_server_speaks_chat_completions_and_is_wrong_sometimes():
+    import openai
+
+    data = world.generate(SMALL_WORLD)
+    q = data["train"][0]
+    prompt = (f"Question: {q.text}\n" + " ".join(f"({'ABCD'[i]}) {o}" for i, o in enumerate(q.options))
+              + f"\nAnswer: ({'ABCD'[q.answer]})\nExplanation:")
+    with teacher_server.serve(data, wrong_rate=0.5, seed=0) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], n=20)
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
+    texts = [c.message.content for c in reply.choices]
+    gold = f"({'ABCD'[q.answer]}) {q.options[q.answer]}."
+    right = sum(t.endswith(gold) for t in texts)
+    assert len(texts) == 20 and 3 <= right <= 17  # wrong about half the time, deterministic per sample
+    assert all(q.entity in t for t in texts)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "demo"
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
     summary = pipeline.run_demo(
-        output_dir=str(out), model_config=CFG,
-        world=world.WorldConfig(num_species=20, num_train_questions=40, num_test_questions=8),
-        vocab_size=300, input_length=INPUT_LENGTH, target_length=48, batch_size=8, train_steps=6,
-        optimizer=optimizers.adamw(learning_rate=1e-3), mesh_config=partitioning.MeshConfig(data=-1, model=1),
-        decode=DecodeConfig(max_decode_len=MAX_DECODE),
+        output_dir=str(out), model_config=CFG, world=SMALL_WORLD, vocab_size=300, input_length=INPUT_LENGTH,
+        target_length=TARGET_LENGTH, batch_size=16,
+        ft=pipeline.StudentRun(train_steps=20), rd=pipeline.StudentRun(train_steps=60),
+        kard=pipeline.StudentRun(train_steps=250),
+        reranker=pipeline.RerankerRun(train_steps=60, holdout_fraction=0.1),
+        mesh_config=partitioning.MeshConfig(data=-1, model=1), decode=DecodeConfig(max_decode_len=MAX_DECODE),
     )
     return out, summary
 
 
-def test_run_demo_end_to_end(demo):
+def test_demo_knowledge_beats_no_knowledge_on_held_out_creatures(demo):
     out, summary = demo
-    assert summary["rationales_kept"] == 80  # 2 of the 3 rationales per question survive the filter
-    assert summary["num_test"] == 8 and 0.0 <= summary["test_accuracy"] <= 1.0
-    assert json.loads((out / "summary.json").read_text()) == summary
-    rows = [json.loads(line) for line in (out / "predictions" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 8 and all(len(r["passages"]) == 1 for r in rows)
-    assert (out / "student" / "checkpoints" / "6").is_dir() and (out / "student" / "config.gin").exists()
-    # The exported student is what training produced, bit for bit.
-    exported_cfg, exported = hf_io.load_hf_params(out / "hf_student")
-    trained = checkpoints.restore_params(out / "student", hf_io.abstract_params(CFG))
-    assert exported_cfg.d_model == CFG.d_model
-    for a, b in zip(jax.tree_util.tree_leaves(exported), jax.tree_util.tree_leaves(jax.device_get(trained))):
-        np.testing.assert_array_equal(a, b)
+    acc = summary["accuracy"]
+    assert set(acc) == set(pipeline.METHODS)
+    assert acc["silver"] > acc["rd"] and acc["kard_bm25"] > acc["rd"], acc
+    # BM25 by question finds the fact for direct questions but not for paraphrases.
+    assert summary["accuracy_by_phrasing"]["kard_bm25"]["direct"] > summary["accuracy_by_phrasing"]["kard_bm25"][
+        "paraphrase"]
+    teacher = summary["teacher"]["train"]
+    assert teacher["dropped"]["wrong_answer"] > 0 and teacher["kept"] > 0  # the wrong-answer filter had work
+    for name in ("results.md", "results.png", "summary.json"):
+        assert (out / name).is_file()
+    for method in pipeline.METHODS:
+        metrics = json.loads((out / "eval" / method / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["num_examples"] == summary["num_test"] == 48
+    hits = summary["reranker_hits"]
+    assert set(hits) >= {"bm25", "reranked", "untrained reranker", "random order"}
+    assert list((out / "reranker" / "train").iterdir()) and list((out / "student_kard" / "train").iterdir())
+
+
+def test_exported_student_generates_the_same_text_in_transformers(demo):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    out, _ = demo
+    rows = [json.loads(line) for line in (out / "eval" / "kard_bm25" / "predictions.jsonl").read_text().splitlines()]
+    from kard_jax.data import prompts
+    from kard_jax.data.readers import read_examples
+    from kard_jax.inference.pipeline import student_inputs
+    from kard_jax.tokenizer import Tokenizer
+
+    examples = {e.id: e for e in read_examples(out / "world" / "test.jsonl", format="kard", dataset="demo")}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "hf_student")
+    model = transformers.T5ForConditionalGeneration.from_pretrained(out / "hf_student").eval()
+    ours = Tokenizer(out / "vocab")
+    for row in rows[:4]:
+        (text,) = student_inputs([examples[row["id"]]], [row["passages"]], tokenizer=ours,
+                                 input_length=INPUT_LENGTH, template=prompts.template_for("science"))
+        ids = torch.tensor([ours.encode(text)[: INPUT_LENGTH - 1] + [1]])
+        assert tokenizer(text).input_ids == ids[0].tolist()
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=MAX_DECODE, do_sample=False, num_beams=1)
+        assert tokenizer.decode(generated[0], skip_special_tokens=True) == row["texts"][0]
 
 
 def _main(*args):
@@ -65,59 +117,23 @@ def _main(*args):
     return proc
 
 
-def _model_flags():
-    return ["--gin_bindings=t5.preset_config.d_model = 32", "--gin_bindings=t5.preset_config.d_kv = 8",
-            "--gin_bindings=t5.preset_config.d_ff = 64"]
-
-
-def _infer(out, checkpoint, eval_dir, *extra):
-    return _main(
-        "--gin_file=gin_configs/runs/infer.gin", "--gin_file=gin_configs/models/t5_1_1_tiny.gin", *_model_flags(),
-        f"--gin.EXAMPLES_PATH='{out / 'world' / 'test.jsonl'}'", f"--gin.CHECKPOINT='{checkpoint}'",
-        f"--gin.VOCAB_PATH='{out / 'vocab'}'", f"--gin.KB_DIR='{out / 'kb'}'", f"--gin.OUT_DIR='{eval_dir}'",
-        "--gin.DATASET='demo'", "--gin.PROMPT_TEMPLATE='science'", f"--gin.INPUT_LENGTH={INPUT_LENGTH}",
-        f"--gin.MAX_DECODE_LEN={MAX_DECODE}", *extra,
-    )
-
-
-def _rows(directory):
-    return [json.loads(line) for line in (directory / "predictions.jsonl").read_text().splitlines()]
-
-
-def test_infer_gin_reproduces_the_demo_from_checkpoint_and_from_hf_export(demo, tmp_path):
+def test_infer_gin_reproduces_the_demo_rows_from_the_run_gin(demo, tmp_path):
     out, summary = demo
-    expected = _rows(out / "predictions")
-    for name, checkpoint in (("ckpt", out / "student"), ("hf", out / "hf_student")):
-        proc = _infer(out, checkpoint, tmp_path / name)
-        assert "kard_jax inference: accuracy" in proc.stdout
-        got = _rows(tmp_path / name)
-        assert [(r["id"], r["texts"], r["passages"]) for r in got] == [
-            (r["id"], r["texts"], r["passages"]) for r in expected]
-        assert json.loads((tmp_path / name / "metrics.json").read_text())["accuracy"] == summary["test_accuracy"]
-        assert (tmp_path / name / "config.gin").exists()
-
-
-def test_reranker_trains_on_demo_outputs_and_reranks_at_inference(demo, tmp_path):
-    out, _ = demo
-    _main(
-        "--gin_file=gin_configs/runs/train_reranker.gin", "--gin_file=gin_configs/models/t5_1_1_tiny.gin",
-        *_model_flags(), f"--gin.MODEL_DIR='{tmp_path / 'reranker'}'", "--gin.TRAIN_STEPS=2", "--gin.DATASET='demo'",
-        f"--gin.TRAIN_PATH='{out / 'world' / 'train.jsonl'}'", f"--gin.VOCAB_PATH='{out / 'vocab'}'",
-        f"--gin.RATIONALES_PATH='{out / 'rationales'}'", f"--gin.RETRIEVAL_CACHE_DIR='{out / 'retrieval'}'",
-        f"--gin.KB_DIR='{out / 'kb'}'", "--gin.N_CANDIDATES=8", "--gin.QUERY_LENGTH=48",
-        "--gin.CANDIDATE_LENGTH=64", "--gin.PROJ_DIM=16",
-        "--gin_bindings=registry.register_kard_tasks.prompt_template = 'science'",
-    )
-    _infer(out, out / "student", tmp_path / "eval", "--gin.PASSAGE_SOURCE='reranked'",
-           f"--gin.RERANKER_CHECKPOINT='{tmp_path / 'reranker'}'", "--gin.RERANKER_PROJ_DIM=16",
-           "--gin.N_CANDIDATES=8", "--gin.QUERY_LENGTH=48", "--gin.CANDIDATE_LENGTH=64", "--gin.N_DOCS=2")
-    from kard_jax.data import prompts
-    from kard_jax.data.readers import read_examples
-    from kard_jax.knowledge import run as knowledge
-
-    store, bm25 = knowledge.load_kb(out / "kb")
-    examples = read_examples(out / "world" / "test.jsonl", format="kard", dataset="demo")
-    top, _ = bm25.search([prompts.format_question(e) for e in examples], k=8)
-    for row, cands in zip(_rows(tmp_path / "eval"), top):
-        pool = {prompts.format_passage(p.title, p.text) for p in store.get_many(cands)}
-        assert len(row["passages"]) == 2 and set(row["passages"]) <= pool
+    common = ["--gin_file=gin_configs/runs/infer.gin", "--gin_file=gin_configs/models/t5_1_1_tiny.gin",
+              f"--gin.EXAMPLES_PATH='{out / 'world' / 'test.jsonl'}'", f"--gin.VOCAB_PATH='{out / 'vocab'}'",
+              f"--gin.KB_DIR='{out / 'kb'}'", "--gin.DATASET='demo'", "--gin.PROMPT_TEMPLATE='science'",
+              f"--gin.INPUT_LENGTH={INPUT_LENGTH}", f"--gin.MAX_DECODE_LEN={MAX_DECODE}", "--gin.BATCH_SIZE=32"]
+    for method, extra in (
+        ("silver", ["--gin.PASSAGE_SOURCE='silver'", f"--gin.RATIONALES_PATH='{out / 'teacher_test'}'",
+                    f"--gin.CHECKPOINT='{out / 'hf_student'}'"]),
+        ("kard_reranker", ["--gin.PASSAGE_SOURCE='reranked'", f"--gin.RERANKER_CHECKPOINT='{out / 'reranker'}'",
+                           f"--gin.CHECKPOINT='{out / 'student_kard'}'", "--gin.RERANKER_PROJ_DIM=32",
+                           "--gin.N_CANDIDATES=10", "--gin.QUERY_LENGTH=32", "--gin.CANDIDATE_LENGTH=48"]),
+    ):
+        _main(*common, *extra, f"--gin.OUT_DIR='{tmp_path / method}'", f"--gin.METHOD='{method}'")
+        got = [json.loads(x) for x in (tmp_path / method / "predictions.jsonl").read_text().splitlines()]
+        want = [json.loads(x) for x in (out / "eval" / method / "predictions.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["passages"], r["texts"]) for r in got] == [(r["id"], r["passages"], r["texts"])
+                                                                        for r in want]
+        assert json.loads((tmp_path / method / "metrics.json").read_text())["accuracy"] == pytest.approx(
+            summary["accuracy"][method], abs=1e-4)

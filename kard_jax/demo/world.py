@@ -1,10 +1,31 @@
-"""A deterministic, generated miniature of a KARD benchmark (no downloads).
+"""A deterministic, generated miniature of a KARD benchmark (no downloads) in which each KARD
+component has work to do.
 
-Fictional species with attributes make a knowledge base (one passage per species, plus
-distractor passages); multiple-choice questions ask which species has a given attribute; the
-"teacher rationale" cites the fact that decides the answer. The question alone shares few words
-with the deciding passage while the rationale names it, which is exactly the gap KARD's
-rationale-based retrieval and reranker exist for.
+Fictional creatures have three attributes (habitat, diet, fur colour). The knowledge base holds,
+per creature, one *fact* passage per attribute and one *distractor* passage per attribute that
+echoes the wording of that attribute's paraphrased question but states nothing.
+
+Questions ask for one attribute of one creature, in one of two phrasings:
+  direct      shares the fact passage's words ("Which habitat shelters the zorbla by day?" /
+              "Zorbla habitat. The zorbla makes its home in the tundra, where it shelters by
+              day."): BM25 by question finds the fact;
+  paraphrase  shares no content word with the fact passage but several with the distractor
+              ("Where is the zorbla most likely to be found?" / "Zorbla sightings. The zorbla is
+              most likely to be found by patient observers ..."): BM25 by question ranks the
+              distractor first; the teacher's rationale, which restates the fact, retrieves the
+              fact; a reranker can learn which passage kind answers which question kind.
+
+**Held-out entities**: test questions are about creatures that appear in no training question
+(the knowledge base covers them), so a student without knowledge (FT, RD) can only guess, and
+memorising the training creatures does not help: the paper's memorisation argument, tested.
+
+**The answer step is learnable at demo scale**: each attribute's question lists the same four
+values in the same order (a questionnaire), so a value always has the same letter, and rationales
+end with the letter and the value ("So the answer is (B) tundra."), as real teacher rationales do.
+What is left to the student is what KARD is about: reading the value from the passage.
+
+Rationales come from a teacher: `kard_jax.demo.teacher_server`, a local OpenAI-compatible
+endpoint that knows this world's facts and is wrong a stated fraction of the time.
 """
 from __future__ import annotations
 
@@ -13,99 +34,128 @@ import json
 import os
 import pathlib
 import random
-import tempfile
 
-SYLLABLES = ["zor", "bla", "kin", "tu", "mar", "vex", "lo", "pra", "dun", "shi", "qua", "rel", "mo", "gan", "fi"]
-HABITATS = ["desert", "tundra", "rainforest", "coral reef", "salt marsh", "volcanic slope", "cave", "bamboo grove"]
-DIETS = ["cactus", "krill", "beetles", "moss", "fallen fruit", "lichen", "small fish", "pollen"]
-COLORS = ["crimson", "silver", "ochre", "teal", "violet", "amber", "charcoal", "ivory"]
-ATTRIBUTES = {"habitat": HABITATS, "diet": DIETS, "color": COLORS}
-TEMPLATES = {
-    "habitat": ("Which creature would you most likely find living in the {v}?", "The {n} lives in the {v}."),
-    "diet": ("Which creature feeds mainly on {v}?", "The {n} feeds mainly on {v}."),
-    "color": ("Which creature has {v} fur?", "The {n} has {v} fur."),
+SYLLABLES = ["zor", "bla", "kin", "tu", "mar", "vex", "lo", "pra", "dun", "shi", "qua", "rel", "mo", "gan", "fi",
+             "nop", "sek", "wu", "tam", "bri"]
+# Each attribute's four values, in the fixed option order of its questions.
+VALUES = {
+    "habitat": ("desert", "tundra", "rainforest", "cave"),
+    "diet": ("krill", "beetles", "moss", "pollen"),
+    "color": ("crimson", "silver", "ochre", "teal"),
+}
+# attribute -> (fact title word, fact sentence, distractor title word, distractor text, direct
+# question, paraphrased question). {n}: the creature's name; {v}: the attribute's value.
+KINDS = {
+    "habitat": ("habitat", "The {n} makes its home in the {v}, where it shelters by day.",
+                "sightings", "The {n} is most likely to be found by patient observers, and those who have found "
+                "a {n} once rarely find it again.",
+                "Which habitat shelters the {n} by day?", "Where is the {n} most likely to be found?"),
+    "diet": ("diet", "The {n} feeds mainly on {v}, gathered at dusk.",
+             "in captivity", "Keepers say a captive {n} will eat whatever it is given to survive; what the {n} "
+             "eats to survive in the wild is rarely watched.",
+             "Which diet, gathered at dusk, feeds the {n}?", "What does the {n} eat to survive?"),
+    "color": ("appearance", "The {n} has {v} fur, groomed often.",
+              "folklore", "Legends describe the coat of the {n} as magical, and storytellers describe the {n} "
+              "differently in every village.",
+              "What appearance has the fur of the {n}, groomed often?", "How would you describe the coat of the {n}?"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
-    num_species: int = 60
-    num_train_questions: int = 240
-    num_test_questions: int = 60
-    rationales_per_question: int = 2
+    num_train_entities: int = 100
+    num_test_entities: int = 30
+    phrasings: tuple[str, ...] = ("direct", "paraphrase")
     seed: int = 0
 
 
-def _species_names(rng: random.Random, n: int) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Question:
+    id: str
+    entity: str
+    attribute: str
+    phrasing: str
+    text: str
+    options: tuple[str, ...]
+    answer: int
+
+    def row(self) -> dict:
+        """The KARD release's multiple-choice format (shared/data's)."""
+        row = {"id": self.id, "sent1": self.text, "sent2": "", "label": self.answer}
+        row.update({f"ending{k}": o for k, o in enumerate(self.options)})
+        return row
+
+
+def fact_sentence(name: str, attribute: str, value: str) -> str:
+    return KINDS[attribute][1].format(n=name, v=value)
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
     names: set[str] = set()
     while len(names) < n:
         names.add("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))))
-    return sorted(names)
+    out = sorted(names)
+    rng.shuffle(out)
+    return out
 
 
-def generate(config: WorldConfig) -> dict:
-    """Returns {"kb": [...], "train": [...], "test": [...], "rationales": [...]} as JSON-able rows."""
+def generate(config: WorldConfig = WorldConfig()) -> dict:
+    """{"kb": passages, "train"/"test": questions (Question), "facts": {name: {attribute: value}},
+    "train_entities", "test_entities"}; deterministic in `config`."""
     rng = random.Random(config.seed)
-    names = _species_names(rng, config.num_species)
-    species = {n: {k: rng.choice(v) for k, v in ATTRIBUTES.items()} for n in names}
+    names = _names(rng, config.num_train_entities + config.num_test_entities)
+    train_names, test_names = names[: config.num_train_entities], names[config.num_train_entities:]
+    facts = {n: {a: rng.choice(v) for a, v in VALUES.items()} for n in names}
     kb = []
-    for i, (n, attrs) in enumerate(species.items()):
-        text = " ".join(TEMPLATES[k][1].format(n=n, v=v) for k, v in attrs.items())
-        kb.append({"id": f"sp{i}", "title": n.capitalize(), "text": text + f" Field guides list the {n} as uncommon."})
-    for i, (attr, values) in enumerate(ATTRIBUTES.items()):
-        for j, v in enumerate(values):
-            kb.append({"id": f"gen{i}_{j}", "title": v.capitalize(),
-                       "text": f"The {v} is discussed by naturalists; many creatures are associated with {v}."})
+    for i, name in enumerate(sorted(names)):
+        title = name.capitalize()
+        for attribute, (fact_word, fact, noise_word, noise, _, _) in KINDS.items():
+            kb.append({"id": f"{name}-{attribute}", "title": f"{title} {fact_word}",
+                       "text": fact.format(n=name, v=facts[name][attribute])})
+            kb.append({"id": f"{name}-{attribute}-noise", "title": f"{title} {noise_word}",
+                       "text": noise.format(n=name)})
+    rng.shuffle(kb)
 
-    def make_questions(count: int, split: str) -> tuple[list[dict], list[dict]]:
-        rows, rats = [], []
-        for q in range(count):
-            attr = rng.choice(list(ATTRIBUTES))
-            answer_name = rng.choice(names)
-            value = species[answer_name][attr]
-            wrong = [n for n in names if species[n][attr] != value]
-            options = rng.sample(wrong, 3) + [answer_name]
-            rng.shuffle(options)
-            label = options.index(answer_name)
-            qid = f"{split}-{q}"
-            row = {"id": qid, "sent1": TEMPLATES[attr][0].format(v=value), "sent2": "", "label": label}
-            row.update({f"ending{k}": o for k, o in enumerate(options)})
-            rows.append(row)
-            letter = "ABCD"[label]
-            fact = TEMPLATES[attr][1].format(n=answer_name, v=value)
-            rationales = [
-                f"{fact} None of the other options is known for this. So the answer is ({letter}).",
-                f"We need the creature associated with {value}. {fact} Therefore the answer is ({letter}).",
-                f"{fact} So the answer is ({'ABCD'[(label + 1) % 4]}).",  # a wrong one: filtering must drop it
-            ]
-            rats.append({"id": qid, "teacher": "kard_jax.demo.world", "rationales": rationales[: config.rationales_per_question] + rationales[2:]})
-        return rows, rats
+    def questions(entities: list[str], split: str) -> list[Question]:
+        out = []
+        for name in entities:
+            for attribute, kind in KINDS.items():
+                for phrasing in config.phrasings:
+                    template = kind[4] if phrasing == "direct" else kind[5]
+                    options = VALUES[attribute]
+                    out.append(Question(
+                        id=f"{split}-{len(out)}", entity=name, attribute=attribute, phrasing=phrasing,
+                        text=template.format(n=name), options=options,
+                        answer=options.index(facts[name][attribute]),
+                    ))
+        rng.shuffle(out)
+        return [dataclasses.replace(q, id=f"{split}-{i}") for i, q in enumerate(out)]
 
-    train, rationales = make_questions(config.num_train_questions, "train")
-    test, _ = make_questions(config.num_test_questions, "test")
-    return {"kb": kb, "train": train, "test": test, "rationales": rationales}
+    return {"kb": kb, "train": questions(train_names, "train"), "test": questions(test_names, "test"),
+            "facts": facts, "train_entities": train_names, "test_entities": test_names}
 
 
-def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def write_world(out_dir: str | os.PathLike, config: WorldConfig = WorldConfig()) -> pathlib.Path:
-    """Writes kb.jsonl, train.jsonl, test.jsonl, rationales.train.jsonl (shared/data formats) atomically."""
-    out = pathlib.Path(out_dir)
+    """Writes kb.jsonl, train.jsonl, test.jsonl, questions.json (entity/attribute/phrasing per
+    question, for the teacher server and the analysis) and manifest.json, atomically."""
+    from kard_jax.knowledge import atomic
+
     world = generate(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    _write_jsonl(tmp / "kb.jsonl", world["kb"])
-    _write_jsonl(tmp / "train.jsonl", world["train"])
-    _write_jsonl(tmp / "test.jsonl", world["test"])
-    _write_jsonl(tmp / "rationales.train.jsonl", world["rationales"])
-    (tmp / "manifest.json").write_text(json.dumps({"generator": __name__, "config": dataclasses.asdict(config),
-                                                    "counts": {k: len(v) for k, v in world.items()}}, indent=2))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic.atomic_directory(out_dir) as tmp:
+        atomic.write_text(tmp / "kb.jsonl", _jsonl(world["kb"]))
+        atomic.write_text(tmp / "train.jsonl", _jsonl([q.row() for q in world["train"]]))
+        atomic.write_text(tmp / "test.jsonl", _jsonl([q.row() for q in world["test"]]))
+        atomic.write_text(tmp / "questions.json", json.dumps(
+            {q.id: {"entity": q.entity, "attribute": q.attribute, "phrasing": q.phrasing}
+             for q in world["train"] + world["test"]}, indent=1) + "\n")
+        atomic.write_text(tmp / "facts.json", json.dumps(world["facts"], indent=1, sort_keys=True) + "\n")
+        atomic.write_json(tmp / "manifest.json", {
+            "generator": __name__, "config": dataclasses.asdict(config),
+            "counts": {"kb": len(world["kb"]), "train": len(world["train"]), "test": len(world["test"]),
+                       "train_entities": len(world["train_entities"]), "test_entities": len(world["test_entities"])},
+        })
+    return pathlib.Path(out_dir)
