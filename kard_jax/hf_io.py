@@ -12,8 +12,9 @@ transform names a hook that converts an array between the two layouts (and its s
 
 Tied (original T5) vs untied (T5 v1.1 / Flan-T5) follows transformers: an explicit
 `scale_decoder_outputs` (written by transformers 5) wins, else `tie_word_embeddings` (default
-true). Export writes `tie_word_embeddings: false` for untied models so every transformers
-version reads it right, with weights through `safetensors.numpy` (no torch at run time).
+true). A `scan_layers` model's stacked layers are unstacked on export and stacked on import, so
+the HF files are the same in both layouts. Export writes `tie_word_embeddings: false` for
+untied models so every transformers version reads it right, with weights through `safetensors.numpy` (no torch at run time).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import os
 import pathlib
 import shutil
 import struct
-import tempfile
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -33,6 +33,7 @@ from flax.core import meta
 from safetensors.numpy import save_file
 
 from kard_jax.errors import InputError
+from kard_jax.knowledge import atomic
 from kard_jax.models import t5
 
 CONFIG_FILE = "config.json"
@@ -148,6 +149,11 @@ def abstract_params(cfg: t5.T5Config, device: jax.Device | None = None) -> dict[
             device = jax.local_devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract["params"])
+
+
+def _unscanned(cfg: t5.T5Config) -> t5.T5Config:
+    """The per-layer (`layers_i`) layout the mapping table and HF files use."""
+    return dataclasses.replace(cfg, scan_layers=False) if cfg.scan_layers else cfg
 
 
 def expected_param_shapes(cfg: t5.T5Config) -> dict[str, tuple[int, ...]]:
@@ -414,7 +420,7 @@ def load_hf_params(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[t5.T5Co
     hf_dir = pathlib.Path(hf_dir)
     cfg = read_hf_config(hf_dir, **overrides)
     weights, sources = _read_weights(hf_dir)
-    expected = expected_param_shapes(cfg)
+    expected = expected_param_shapes(_unscanned(cfg))
     ours: dict[str, np.ndarray] = {}
     used = set(_IGNORED_KEYS)
     for path, hf_key, transform in _mapping_rows(cfg):
@@ -448,7 +454,8 @@ def load_hf_params(hf_dir: str | os.PathLike, **overrides: Any) -> tuple[t5.T5Co
         raise InputError(f"unexpected weight(s) for this config: {shown}", path=sources[unknown[0]], field=unknown[0])
     if set(ours) != set(expected):  # the mapping table must cover the model exactly
         raise AssertionError(f"hf_io mapping out of sync with t5.T5: {sorted(set(ours) ^ set(expected))}")
-    return cfg, _unflatten(ours)
+    params = _unflatten(ours)
+    return cfg, (t5.stack_layers(params) if cfg.scan_layers else params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +476,7 @@ def initial_params(hf_dir: str | os.PathLike, model_config: t5.T5Config) -> dict
     `INITIAL_CHECKPOINT = @hf_io.initial_params` with `hf_io.initial_params.hf_dir = '...'` and
     `hf_io.initial_params.model_config = %MODEL_CONFIG`.
     """
-    cfg, params = load_hf_params(hf_dir)
+    cfg, params = load_hf_params(hf_dir, scan_layers=model_config.scan_layers)
     for field in _ARCHITECTURE_FIELDS:
         ours, theirs = getattr(model_config, field), getattr(cfg, field)
         if ours != theirs:
@@ -481,8 +488,11 @@ def initial_params(hf_dir: str | os.PathLike, model_config: t5.T5Config) -> dict
 
 def params_to_hf(params: Mapping[str, Any], cfg: t5.T5Config) -> dict[str, np.ndarray]:
     """Our (possibly boxed, possibly sharded) params -> HF state dict of float32 numpy arrays."""
-    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(meta.unbox(params)).items()}
-    expected = expected_param_shapes(cfg)
+    params = meta.unbox(params)
+    if cfg.scan_layers:  # HF files hold one tensor per layer whatever our layout
+        params = t5.unstack_layers(jax.device_get(params))
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in _flatten(params).items()}
+    expected = expected_param_shapes(_unscanned(cfg))
     for path in sorted(set(expected) | set(flat)):
         if path not in flat:
             raise InputError("missing parameter", path="params", field=path)
@@ -573,9 +583,8 @@ def export_hf(
         pathlib.Path(tokenizer_dir) if tokenizer_dir is not None else None,
         extra_ids,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    # Temp dir + rename; files 0644 and the directory 0755 under umask 022 (not mkdtemp's 0700).
+    with atomic.atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / CONFIG_FILE).write_bytes(_json_bytes(config_to_hf(cfg)))
         (tmp / GENERATION_CONFIG_FILE).write_bytes(_json_bytes(_generation_config(cfg)))
         save_file(state_dict, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
@@ -584,24 +593,4 @@ def export_hf(
                 (tmp / name).write_bytes(source)
             else:
                 shutil.copyfile(source, tmp / name)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
-    """Move `new` to `target`, swapping out an existing `target` (restored if the move fails)."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    backup = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.replace(target, backup / "old")
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(backup / "old", target)
-        shutil.rmtree(backup, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -14,6 +14,14 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`) and 
 activations carry `nn.with_logical_constraint`, so one rules table in
 `kard_jax.training.partitioning` decides the sharding (t5x `partitioning.py`).
 
+`T5Config.scan_layers` runs each stack's layers under `nn.scan` (t5x `scan_layers`; with
+`nn.remat` inside when `remat_policy='full'`): the layer parameters (and decoding caches) are
+stacked on a leading axis with the logical name 'layers' (replicated by every rules table) under
+`encoder/layers/...` instead of `encoder/layers_0/...`. The numerics are the same; HF
+import/export convert between the layouts (`stack_layers` / `unstack_layers`), while orbax
+checkpoints store the layout the model was trained with (as t5x does) and restoring into the
+other layout is refused with the fix named (`checkpoints.layer_layout_hint`).
+
 Incremental decoding uses a "cache" collection (t5x style): self-attention keys/values are
 written at the current position; the encoder-decoder attention keys/values are computed from the
 encoder output once, on the first decoding step (which adds them to the cache), and only read
@@ -24,7 +32,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +69,11 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     remat_policy: str = "none"  # "none" or "full" (recompute each layer in the backward pass)
+    # Scan over each stack's layers with `nn.scan` (t5x `scan_layers`): one compiled layer body
+    # per stack instead of one per layer, so large/XL compile in a fraction of the time. The
+    # layer parameters are then stacked on a leading 'layers' axis (`encoder/layers/...`,
+    # shape [num_layers, ...]) instead of `encoder/layers_0/...`; HF import/export convert.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.feed_forward_proj not in ("gated-gelu", "relu"):
@@ -338,6 +352,7 @@ def _dropout(config: T5Config, x: Array, enable_dropout: bool) -> Array:
 
 class EncoderLayer(nn.Module):
     config: T5Config
+    scanned: bool = False  # the body of an nn.scan: return (carry, None)
 
     @nn.compact
     def __call__(self, x: Array, bias: Array, enable_dropout: bool) -> Array:
@@ -347,11 +362,13 @@ class EncoderLayer(nn.Module):
         x = x + _dropout(c, y, enable_dropout)
         y = _norm(c, "pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
-        return x + _dropout(c, y, enable_dropout)
+        x = x + _dropout(c, y, enable_dropout)
+        return (x, None) if self.scanned else x
 
 
 class DecoderLayer(nn.Module):
     config: T5Config
+    scanned: bool = False  # the body of an nn.scan: return (carry, None)
 
     @nn.compact
     def __call__(
@@ -370,13 +387,33 @@ class DecoderLayer(nn.Module):
         x = x + _dropout(c, y, enable_dropout)
         y = _norm(c, "pre_mlp_layer_norm")(x)
         y = MlpBlock(c, name="mlp")(y, enable_dropout=enable_dropout)
-        return x + _dropout(c, y, enable_dropout)
+        x = x + _dropout(c, y, enable_dropout)
+        return (x, None) if self.scanned else x
+
+
+# The logical axis name of the stacked layer dimension of scanned parameters (and caches).
+LAYERS_AXIS = "layers"
 
 
 def _maybe_remat(config: T5Config, layer_cls, static_argnums):
     if config.remat_policy == "full":
-        return nn.remat(layer_cls, static_argnums=static_argnums)
+        # Inside a scan the loop already keeps XLA from merging the recomputation (t5x).
+        return nn.remat(layer_cls, static_argnums=static_argnums, prevent_cse=not config.scan_layers)
     return layer_cls
+
+
+def _scanned(config: T5Config, layer_cls, num_layers: int, num_args: int):
+    """`layer_cls` scanned `num_layers` times (t5x `scan_with_axes`): the first call argument is
+    the carry, the other `num_args` are broadcast to every layer; params, caches and dropout
+    rngs get a leading layer axis named LAYERS_AXIS."""
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * num_args,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+    )
 
 
 def _padding_bias(key_tokens: Array, pad_id: int) -> Array:
@@ -400,8 +437,12 @@ class Encoder(nn.Module):
         )(positions, positions)
         bias = bias + _padding_bias(tokens, c.pad_token_id)
         layer_cls = _maybe_remat(c, EncoderLayer, static_argnums=(3,))
-        for i in range(c.num_encoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, bias, enable_dropout)
+        if c.scan_layers:
+            stack = _scanned(c, layer_cls, c.num_encoder_layers, num_args=2)
+            x, _ = stack(c, scanned=True, name=LAYERS_AXIS)(x, bias, enable_dropout)
+        else:
+            for i in range(c.num_encoder_layers):
+                x = layer_cls(c, name=f"layers_{i}")(x, bias, enable_dropout)
         x = _norm(c, "encoder_norm")(x)
         return _dropout(c, x, enable_dropout)
 
@@ -438,8 +479,16 @@ class Decoder(nn.Module):
             causal = jnp.where(positions[None, :] <= positions[:, None], 0.0, NEG_INF)[None, None]
             self_bias = relpos(positions, positions) + causal
         layer_cls = _maybe_remat(c, DecoderLayer, static_argnums=(5, 6))
-        for i in range(c.num_decoder_layers):
-            x = layer_cls(c, name=f"layers_{i}")(x, encoded, self_bias, cross_bias, enable_dropout, decode, decode_position)
+        if c.scan_layers:
+            stack = _scanned(c, layer_cls, c.num_decoder_layers, num_args=6)
+            x, _ = stack(c, scanned=True, name=LAYERS_AXIS)(
+                x, encoded, self_bias, cross_bias, enable_dropout, decode, decode_position
+            )
+        else:
+            for i in range(c.num_decoder_layers):
+                x = layer_cls(c, name=f"layers_{i}")(
+                    x, encoded, self_bias, cross_bias, enable_dropout, decode, decode_position
+                )
         x = _norm(c, "decoder_norm")(x)
         x = _dropout(c, x, enable_dropout)
         if c.tie_word_embeddings:
@@ -514,6 +563,51 @@ def init_cache(model: T5, params: Any, batch_size: int, encoder_len: int, max_de
         {"params": params}, encoded, enc_tokens, dec_tokens, decode=True, method=T5.decode, mutable=["cache"]
     )
     return variables["cache"]
+
+
+_LAYER_KEY = re.compile(r"layers_(\d+)")
+
+
+def _stack_arrays(arrays):
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack(arrays)
+    return jnp.stack(arrays)
+
+
+def stack_layers(params: Any) -> Any:
+    """Unscanned parameter (or cache) tree -> the scan_layers layout: in every dict holding
+    `layers_0 .. layers_{n-1}`, those become one `layers` subtree whose leaves are stacked on a
+    new leading axis. Other entries are untouched; a tree without `layers_i` is returned as is.
+    numpy leaves stay numpy (HF import), jax arrays give jax arrays."""
+    if not isinstance(params, Mapping):
+        return params
+    indices = sorted(int(m.group(1)) for k in params if (m := _LAYER_KEY.fullmatch(str(k))))
+    out = {k: stack_layers(v) for k, v in params.items() if not _LAYER_KEY.fullmatch(str(k))}
+    if indices:
+        if indices != list(range(len(indices))):
+            raise ValueError(f"layer keys are not layers_0..layers_{len(indices) - 1}: {indices}")
+        if LAYERS_AXIS in out:
+            raise ValueError("tree holds both layers_i and a stacked 'layers' entry")
+        layers = [params[f"layers_{i}"] for i in indices]
+        out[LAYERS_AXIS] = jax.tree.map(lambda *xs: _stack_arrays(xs), *layers)
+    return out
+
+
+def unstack_layers(params: Any) -> Any:
+    """The inverse of `stack_layers`: every `layers` subtree (stacked on axis 0) becomes
+    `layers_0 .. layers_{n-1}` (what HF export and unscanned models read)."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key == LAYERS_AXIS and isinstance(value, Mapping):
+            leaves = jax.tree.leaves(value)
+            n = leaves[0].shape[0]
+            for i in range(n):
+                out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+        else:
+            out[key] = unstack_layers(value)
+    return out
 
 
 def param_count(params: Any) -> int:

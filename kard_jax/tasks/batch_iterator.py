@@ -79,6 +79,13 @@ class SeqioBatchIterator:
         self._position = 0
         self._iterator = self._make(0)
 
+    @property
+    def vocab_size(self) -> int:
+        """The size of the largest vocabulary of the task's output features (extra ids included):
+        every token id is below it (the trainer checks it against the model's `vocab_size`)."""
+        features = self._kwargs["mixture_or_task_name"].output_features
+        return max(feature.vocabulary.vocab_size for feature in features.values())
+
     def _make(self, position: int) -> Iterator[dict[str, np.ndarray]]:
         ds = seqio.get_dataset(**self._kwargs, verbose=False)
         ds = ds.skip(position * self.host_batch_size).batch(self.host_batch_size, drop_remainder=True)

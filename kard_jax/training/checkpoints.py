@@ -11,15 +11,16 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
+from kard_jax.errors import InputError
 from kard_jax.training.partitioning import path_str
 from kard_jax.training.train_state import TrainState
 
@@ -40,8 +41,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class CheckpointMismatchError(ValueError):
-    """A readable checkpoint whose parameters do not fit the current model (not a corruption)."""
+class CheckpointMismatchError(InputError):
+    """A readable checkpoint whose parameters do not fit the current model (not a corruption);
+    an InputError, so `kard_jax.main` reports it in one line with exit code 2."""
 
 
 class Restored(NamedTuple):
@@ -52,7 +54,8 @@ class Restored(NamedTuple):
 
 
 def _report(message: str) -> None:
-    logging.warning(message)
+    """One line on stderr (process 0; not also through absl logging, which writes to the same
+    console: the line would show twice)."""
     if jax.process_index() == 0:
         print(f"kard_jax: {message}", file=sys.stderr, flush=True)
 
@@ -107,15 +110,8 @@ class Checkpointer:
         saved_state = self._manager.item_metadata(step)["state"]
         if saved_state is None:
             raise FileNotFoundError(f"no readable state metadata in {self.directory / str(step)}")
-        saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_state["params"])[0]}
-        want = {path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
-        if saved != want:
-            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
-            details = ", ".join(f"{k}: checkpoint {saved.get(k)} vs model {want.get(k)}" for k in diff[:5])
-            raise CheckpointMismatchError(
-                f"checkpoint at step {step} in {self.directory} does not match the model ({len(diff)} parameter(s) "
-                f"differ: {details}); use a new MODEL_DIR or the matching model config"
-            )
+        check_params_match(saved_state["params"], abstract_state.params, f"at step {step} in {self.directory}",
+                           "use a new MODEL_DIR or the matching model config")
 
     def restore(self, step: int, abstract_state: TrainState) -> Restored:
         """Restore `step` into `abstract_state` (ShapeDtypeStructs carrying target shardings)."""
@@ -132,21 +128,11 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state: TrainState) -> Restored | None:
         """The newest checkpoint that restores; unreadable newer ones are reported and set aside."""
-        steps = self.all_steps()
-        for i, step in enumerate(reversed(steps)):
-            try:
-                return self.restore(step, abstract_state)
-            except CheckpointMismatchError:
-                raise
-            except Exception as e:  # orbax/tensorstore raise many types for truncated or missing files
-                previous = steps[-i - 2] if i + 1 < len(steps) else None
-                fallback = f"resuming from step {previous} instead" if previous is not None else "no earlier checkpoint"
-                _report(
-                    f"checkpoint at step {step} in {self.directory} is unreadable "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); {fallback}"
-                )
-                self._set_aside(step)
-        return None
+        return newest_readable(
+            [(step, self.directory / str(step)) for step in self.all_steps()],
+            lambda step, _: self.restore(step, abstract_state),
+            where=self.directory, fallback="resuming from", on_unreadable=self._set_aside,
+        )
 
     def _set_aside(self, step: int) -> None:
         """Move a broken step out of orbax's view so the step can be written again later."""
@@ -168,31 +154,146 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
 
-def find_checkpoint_step_dir(path: str | os.PathLike) -> pathlib.Path:
-    """A step directory from a MODEL_DIR, its `checkpoints/` directory or a step directory itself."""
-    path = pathlib.Path(path)
+def _scan_layout(paths) -> str | None:
+    if any(re.search(r"(^|/)layers_\d+/", p) for p in paths):
+        return "unscanned"
+    if any(re.search(r"(^|/)layers/", p) for p in paths):
+        return "scanned"
+    return None
+
+
+def layer_layout_hint(saved_paths, model_paths) -> str | None:
+    """A fix to suggest when a checkpoint and the model differ only in layer layout: checkpoints
+    store the layout they were trained with (scanned: `encoder/layers/...` stacked on a leading
+    axis; unscanned: `encoder/layers_0/...`), as t5x does; HF export/import is layout-free."""
+    saved, model = _scan_layout(saved_paths), _scan_layout(model_paths)
+    if saved is None or model is None or saved == model:
+        return None
+    flag = "True" if saved == "scanned" else "False"
+    return (f"the checkpoint stores {saved} layers but the model config has scan_layers="
+            f"{'True' if model == 'scanned' else 'False'}: set T5Config.scan_layers={flag} (gin: "
+            f"t5.preset_config.scan_layers = {flag}) to use it, or export it to Hugging Face format and "
+            f"import that (HF files are the same in both layouts)")
+
+
+def _shape(x) -> str:
+    return "absent" if x is None else str(x)
+
+
+def check_params_match(saved_params: PyTree, model_params: PyTree, where: str, fix: str) -> None:
+    """CheckpointMismatchError naming the parameters (and both shapes) where a checkpoint's saved
+    params (orbax metadata or arrays) differ from the model's (abstract) params."""
+    saved = {path_str(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
+    want = {path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(model_params)[0]}
+    if saved == want:
+        return
+    diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+    details = ", ".join(f"{k}: checkpoint {_shape(saved.get(k))} vs model {_shape(want.get(k))}" for k in diff[:5])
+    raise CheckpointMismatchError(
+        f"checkpoint {where} does not match the model ({len(diff)} parameter(s) differ: {details}); "
+        f"{layer_layout_hint(saved, want) or fix}"
+    )
+
+
+def newest_readable(
+    steps: Sequence[tuple[int, pathlib.Path]],
+    restore: Callable[[int, pathlib.Path], Any],
+    *,
+    where: str | os.PathLike,
+    fallback: str,
+    on_unreadable: Callable[[int], None] | None = None,
+) -> Any:
+    """`restore(step, step_dir)` of the newest of `steps` (ascending (step, dir) pairs) that reads.
+
+    A step that fails to read (truncated or missing files: orbax/tensorstore raise many types) is
+    reported on stderr ("...; {fallback} step N instead") and, with `on_unreadable`, handed to it;
+    the next older step is tried. A CheckpointMismatchError (the model does not fit) is raised at
+    once: older steps of the same run would not fit either. Returns None when none reads.
+    Training resume and export / evaluation share this.
+    """
+    for i, (step, step_dir) in enumerate(reversed(steps)):
+        try:
+            return restore(step, step_dir)
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - see docstring
+            previous = steps[-i - 2][0] if i + 1 < len(steps) else None
+            then = f"{fallback} step {previous} instead" if previous is not None else "no earlier checkpoint"
+            _report(
+                f"checkpoint at step {step} in {where} is unreadable "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}); {then}"
+            )
+            if on_unreadable is not None:
+                on_unreadable(step)
+    return None
+
+
+def checkpoint_step_dirs(path: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
+    """(step, absolute step directory) pairs, ascending, from a MODEL_DIR, its `checkpoints/`
+    directory or one step directory (a single pair, step -1 when its name is not a number).
+    InputError naming the path when there is none. Absolute: orbax refuses relative paths."""
+    path = pathlib.Path(path).absolute()
     if (path / "state").is_dir():
-        return path
+        return [(int(path.name) if path.name.isdigit() else -1, path)]
     for base in (path / CHECKPOINTS_SUBDIR, path):
-        steps = [int(p.name) for p in base.glob("*") if p.name.isdigit() and (p / "state").is_dir()] if base.is_dir() else []
-        if steps:
-            return base / str(max(steps))
-    raise FileNotFoundError(f"no checkpoint found at {path} (expected a step directory containing 'state/')")
+        if base.is_dir():
+            steps = sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+            if steps:
+                return [(step, base / str(step)) for step in steps]
+    what = "does not exist" if not path.exists() else "holds no checkpoint"
+    raise InputError(
+        f"{what} (expected a training MODEL_DIR with {CHECKPOINTS_SUBDIR}/<step>/state, its "
+        f"{CHECKPOINTS_SUBDIR}/ directory or one step directory)", path=path,
+    )
 
 
-def restore_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
-    """Only the params of the checkpoint at `path` (any of `find_checkpoint_step_dir`'s forms),
-    restored into `abstract_params` (ShapeDtypeStructs with shardings); optimizer state is ignored."""
-    step_dir = find_checkpoint_step_dir(path)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
+def find_checkpoint_step_dir(path: str | os.PathLike) -> pathlib.Path:
+    """The newest step directory (absolute) from a MODEL_DIR, its `checkpoints/` directory or a
+    step directory itself."""
+    return checkpoint_step_dirs(path)[-1][1]
+
+
+def _restore_params_step(step_dir: pathlib.Path, abstract_params: PyTree) -> PyTree:
+    # The item handler itself, not a Checkpointer: `state/` is one item of a composite step, and a
+    # Checkpointer on it logs a warning that the step metadata file is missing.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(step_dir / "state")
+        saved = getattr(saved, "item_metadata", saved)  # orbax versions differ in the wrapper
+        if saved is None or "params" not in saved:
+            raise FileNotFoundError(f"no readable params metadata in {step_dir / 'state'}")
+        check_params_match(
+            saved["params"], abstract_params, str(step_dir),
+            "use the model gin the checkpoint was trained with (its MODEL_DIR/config.gin records it)",
+        )
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        restored = handler.restore(
             step_dir / "state",
             args=ocp.args.PyTreeRestore(
                 item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True
             ),
         )
+    finally:
+        handler.close()
     return restored["params"]
+
+
+def restore_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
+    """Only the params of the checkpoint at `path` (a MODEL_DIR, its checkpoints/ directory or a
+    step directory; relative paths are fine), restored into `abstract_params` (ShapeDtypeStructs
+    with shardings); optimizer state is ignored.
+
+    The newest step that reads is used: unreadable newer steps are reported and skipped (left in
+    place: this is a reader), as training resume does. A model whose parameters differ from the
+    checkpoint's is a CheckpointMismatchError naming the parameters and both shapes.
+    """
+    steps = checkpoint_step_dirs(path)
+    params = newest_readable(steps, lambda _, step_dir: _restore_params_step(step_dir, abstract_params),
+                             where=pathlib.Path(path).absolute(), fallback="using")
+    if params is None:
+        raise InputError(f"no readable checkpoint (tried step(s) {', '.join(str(s) for s, _ in steps)}; "
+                         "see the lines above)", path=pathlib.Path(path).absolute())
+    return params
 
 
 InitialCheckpoint = str | os.PathLike | Callable[[], PyTree] | None

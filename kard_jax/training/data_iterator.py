@@ -47,7 +47,10 @@ class InMemoryBatchIterator:
         num_epochs: int | None = None,
         shard_index: int = 0,
         num_shards: int = 1,
+        vocab_size: int | None = None,
     ):
+        """`vocab_size`: the size of the vocabulary the token features come from, if known (the
+        trainer refuses a model whose `vocab_size` is smaller)."""
         if not examples:
             raise InputError("no examples", field="examples")
         if batch_size <= 0 or batch_size > len(examples):
@@ -71,6 +74,7 @@ class InMemoryBatchIterator:
         self.num_epochs = num_epochs
         self.shard_index = shard_index
         self.num_shards = num_shards
+        self.vocab_size = vocab_size
         self.batches_per_epoch = self.num_examples // batch_size
         self._epoch = 0
         self._index = 0  # batch index within the epoch
@@ -180,4 +184,4 @@ def synthetic_copy_task(
         vocab_size=vocab_size, seed=seed,
     )
     return InMemoryBatchIterator(examples, batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                                 shard_index=shard_index, num_shards=num_shards)
+                                 shard_index=shard_index, num_shards=num_shards, vocab_size=vocab_size)

@@ -24,6 +24,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kard_jax.errors import InputError
 from kard_jax.models.base import LOSS_DENOMINATOR, BaseModel
 from kard_jax.training import checkpoints, data_iterator, metrics, optimizers, partitioning
 from kard_jax.training.train_state import StateInitializer, TrainState
@@ -229,6 +230,67 @@ def _memory_summary(analysis: Any) -> str:
     return ", ".join(parts) or str(analysis)
 
 
+class NonFiniteLossError(InputError):
+    """The training loss became NaN or infinite; main reports it in one line and exits 2."""
+
+
+def _check_finite_loss(step: int, step_metrics: Mapping[str, Any], model_dir: pathlib.Path) -> None:
+    """Raise NonFiniteLossError naming the step when its loss or gradient norm (replicated
+    scalars: every host sees the same values and stops at the same step) is not finite. A
+    finite loss with a non-finite gradient already poisons the parameters of that step."""
+    loss, grad_norm, lr = (float(v) for v in jax.device_get(
+        [step_metrics["loss"], step_metrics["grad_norm"], step_metrics["learning_rate"]]))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+        return
+    raise NonFiniteLossError(
+        f"training loss is {loss} (gradient norm {grad_norm}) at step {step} (learning rate {lr:.3g}); "
+        f"stopped before saving that step (checkpoints already in {model_dir} are untouched). Usual causes: token "
+        f"ids outside the model's vocab_size, a learning rate too high, or float16/bfloat16 overflow",
+        field="loss",
+    )
+
+
+def _model_vocab_size(model: BaseModel) -> int | None:
+    vocab = getattr(getattr(getattr(model, "module", None), "config", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) else None
+
+
+def check_vocabulary(model: BaseModel, data: Any, first_batch: Batch | None = None) -> None:
+    """Refuse data whose vocabulary (the iterator's `vocab_size`, e.g. the seqio task's
+    SentencePiece vocabulary with its extra ids) or whose token ids (features named `*_tokens`
+    of the first batch) do not fit the model's embedding table: such ids index past it (JAX
+    gathers then return NaN) and training silently reaches loss=nan."""
+    model_vocab = _model_vocab_size(model)
+    if model_vocab is None:
+        return
+    data_vocab = getattr(data, "vocab_size", None)
+    if isinstance(data_vocab, int) and data_vocab > model_vocab:
+        raise InputError(
+            f"the training data's vocabulary has {data_vocab} ids but the model's vocab_size is {model_vocab}; "
+            f"use a model config with vocab_size >= {data_vocab} (gin: t5.preset_config.vocab_size) or a smaller "
+            f"vocabulary", field="vocab_size",
+        )
+    for key, value in (first_batch or {}).items():
+        if key.endswith("_tokens") and np.size(value) and np.issubdtype(np.asarray(value).dtype, np.integer):
+            largest = int(np.max(value))
+            if largest >= model_vocab:
+                raise InputError(
+                    f"feature {key!r} holds token id {largest}, outside the model's vocab_size {model_vocab} "
+                    f"(ids must be < vocab_size)", field="vocab_size",
+                )
+
+
+def _agree_across_hosts(has_batch: bool, stop_requested: bool) -> tuple[bool, bool]:
+    """(every host has a batch, some host asked to stop): one tiny all-gather per step, so every
+    host takes the same decision at the same step (a host that ran out of data, or received a
+    signal, would otherwise leave the others waiting in the next step's collectives)."""
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.array([has_batch, stop_requested], np.int32)))
+    flags = flags.reshape(-1, 2)
+    return bool(flags[:, 0].all()), bool(flags[:, 1].any())
+
+
 class _PreemptionFlag:
     """Turns SIGTERM/SIGINT into a flag checked at step boundaries (a second signal aborts)."""
 
@@ -331,7 +393,9 @@ def train(
 
     trainer = Trainer(model, optimizer, mesh=mesh, logical_axis_rules=rules, microbatches=microbatches, seed=seed)
     train_iter = _iterator_from(train_data)
+    check_vocabulary(model, train_iter)
     first_batch = next(train_iter)  # shapes for initialisation; used as step 1's batch on a fresh start
+    check_vocabulary(model, train_iter, first_batch)
     initializer = trainer.initializer({k: np.shape(v) for k, v in first_batch.items()})
     metadata = {
         "gin_config": gin_text,
@@ -389,11 +453,24 @@ def train(
     tokens_since_log = 0
     last_log_time = time.perf_counter()
     step = start_step
+    multihost = jax.process_count() > 1
+    last_loss: tuple[int, Any] | None = None  # (step, its metrics) not yet checked for finiteness
+
+    def check_loss() -> None:
+        nonlocal last_loss
+        if last_loss is not None:
+            _check_finite_loss(*last_loss, model_dir)
+            last_loss = None
+
     try:
         with _PreemptionFlag() as preempted:
             while step < train_steps:
                 local = pending_batch if pending_batch is not None else next(train_iter, None)
                 pending_batch = None
+                signalled = preempted.signum is not None
+                if multihost:
+                    has_batch, signalled = _agree_across_hosts(local is not None, signalled)
+                    local = local if has_batch else None
                 if local is None:
                     logging.warning("train data exhausted at step %d (of %d)", step, train_steps)
                     break
@@ -405,14 +482,18 @@ def train(
                     last_log_time = time.perf_counter()
                 state, step_metrics = trainer.train_step(state, batch)
                 step += 1
+                # Check the previous step's loss now that this step is queued (no pipeline stall).
+                check_loss()
+                last_loss = (step, step_metrics)
                 tokens_since_log += model.batch_tokens(local) * jax.process_count()
                 pending_metrics.append((step, step_metrics))
                 progress.update(1)
 
-                # Multi-host: every host must stop at the same step; the TPU runtime's preemption
-                # sync point (which also catches SIGTERM) decides. One host: our signal flag.
-                if jax.process_count() > 1:
-                    stop = checkpointer.reached_preemption(step)
+                # Multi-host: every host must stop at the same step: a signal on any host (agreed
+                # above, before this step) or the TPU runtime's preemption sync point decides.
+                # One host: our signal flag, read after the step.
+                if multihost:
+                    stop = signalled or checkpointer.reached_preemption(step)
                 else:
                     stop = preempted.signum is not None
                 if step % log_period == 0 or step == train_steps or stop:
@@ -433,6 +514,7 @@ def train(
                 if eval_period and step % eval_period == 0:
                     run_eval(step)
                 if step % save_period == 0 or step == train_steps or stop:
+                    check_loss()  # never save a state whose last update was not finite
                     checkpointer.save(step, state, _iterator_state(train_iter), {**metadata, "step": step})
                 if stop:
                     checkpointer.wait_until_finished()
@@ -441,6 +523,7 @@ def train(
                     if is_main:
                         print(f"kard_jax: {message}", file=sys.stderr, flush=True)
                     break
+            check_loss()
             if step == train_steps and step > start_step and eval_period and step % eval_period:
                 run_eval(step)
     finally:
