@@ -159,6 +159,14 @@ def test_parse_answer(text, num, options, expected):
      "to this question would be (B) no.", 1),
     ("- Therefore, it can be concluded that the cuisine of Hawaii is not suitable for a vegan, as it does not "
      "offer many options that are free of animal products.", None),
+    # Forms real teacher outputs use that the parser once missed (issue 8).
+    ("Hawaiian dishes such as poke and kalua pig are built around fish and pork. So the answer to the question "
+     "is \"no.\"", 1),
+    ("Lions hunt at night. Thus the answer to the question is \"yes.\"", 0),
+    ("The war lasted six months, shorter than a llama's gestation. Therefore, we select answer choice (B) - no - "
+     "as the correct answer.", 1),
+    ("Hamsters are prey animals. So we select answer choice (A) - yes - as the correct answer.", 0),
+    ("Answer choice (A) is incorrect because hamsters are eaten by owls.", None),
 ])
 def test_parse_answer_real_strategyqa_sentences(text, expected):
     assert prompts.parse_answer(text, 2, ("yes", "no")) == expected

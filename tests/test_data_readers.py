@@ -35,8 +35,9 @@ def test_kard_format_joins_sent2_and_numbers_missing_ids(tmp_path):
         "",
         {"sent1": "The sun", "sent2": "is responsible for", "ending0": "a", "ending1": "b", "label": "1"},
     ])
+    # Generated ids number records (1-based), not lines: the blank first line does not count.
     assert read_examples(path) == [
-        Example(id="dev-000002", question="The sun is responsible for", options=("a", "b"), answer=1, dataset="")
+        Example(id="dev-000001", question="The sun is responsible for", options=("a", "b"), answer=1, dataset="")
     ]
 
 

@@ -34,7 +34,9 @@ def test_filter_hand_fixture_counts_per_reason():
     kept, counts = filter_rationales(SUN, FIXTURE)
     assert kept == [GOOD, GOOD_NO_LETTER]
     assert counts == {"empty": 1, "degenerate": 2, "too_short": 1, "wrong_answer": 1, "rules_out_gold": 1,
-                      "duplicate": 2, "kept_unparsable": 1}
+                      "duplicate": 2, "kept_unparsable": 1,
+                      # 6 reach the answer check; GOOD_NO_LETTER and the rules-out text state none.
+                      "answer_checked": 6, "unjudged": 2}
 
 
 def test_filter_flags():

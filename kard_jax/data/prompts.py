@@ -192,9 +192,11 @@ _LETTER_IS_CORRECT = re.compile(
     r"(?:\b(?:[Oo]ption|[Cc]hoice|[Aa]nswer)\s+)?" + _LETTER
     + r"\s*(?:(?:is|would\s+be)\s+)?(?:the\s+)?(?:correct|right|best|most\s+appropriate)\b(?!\s+incorrect)"
 )
-# "making answer (B) the correct one", "we choose answer B" (not "answer (A) is incorrect").
+# "making answer (B) the correct one", "we choose answer B", "select answer choice (A) - yes -"
+# (not "answer (A) is incorrect").
 _ANSWER_LETTER = re.compile(
-    r"\b[Aa]nswers?\s+" + _LETTER + r"(?!\s*(?:is|was)\s+(?:incorrect|wrong|not))"
+    r"\b[Aa]nswers?\s+(?:(?:[Cc]hoice|[Oo]ption)\s+)?" + _LETTER
+    + r"(?!\s*(?:is|was)\s+(?:incorrect|wrong|not))"
 )
 _LEADING_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)\s")  # "(B) no, because ..."
 _BARE_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?")
@@ -211,7 +213,7 @@ def _option_key(text: str) -> str:
 
 def _letter_or_option_at(text: str, pos: int, num_options: int, options: Sequence[str] | None) -> int | None:
     """The answer stated at text[pos:]: a letter ("B", "(B)", "[b]") or an option's text."""
-    rest = text[pos:pos + 400].lstrip()
+    rest = text[pos:pos + 400].lstrip().lstrip("\"'\u201c\u2018").lstrip()  # 'is "yes."'
     m = re.match(_LETTER, rest)
     if m:
         index = ord(_letter_from(m)) - ord("A")

@@ -6,6 +6,13 @@ further requests. Each sample is appended to a persistent JSONL cache as soon as
 by hash(model, temperature, question id, prompt text, sample index), so an interrupted run resumes
 without paying twice. The openai client runs with `max_retries=0`: retries (429, 408/409, 5xx,
 timeouts, connection errors, malformed bodies) are ours, with exponential backoff and jitter.
+
+`timeout_s` bounds a whole request: the connection, the wait for the answer and the body (a server
+that drips its body is cut off once `timeout_s` has passed; a silent one after at most the time
+left). A failure for good (a refusal such as 401/403/404, or `max_attempts` failures in a row)
+raises `TeacherError`, an `InputError`: one line naming the HTTP status, and every worker stops
+(no new question and no new retry starts). The summary counts retries, timeouts and unusable
+responses (2xx bodies without a usable chat completion).
 """
 from __future__ import annotations
 
@@ -13,9 +20,11 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import random
+import re
 import threading
 import time
 from typing import Callable, Sequence
@@ -24,14 +33,60 @@ import openai
 from tqdm.auto import tqdm
 
 from kard_jax.data.example import Example
+from kard_jax.errors import InputError
+
+try:  # the HTTP library the installed openai client is built on
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - stock openai
+    import httpx
 
 
-class TeacherError(RuntimeError):
+class TeacherError(InputError):
     """The teacher endpoint failed for good (non-retryable status, or retries exhausted)."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class MalformedResponse(Exception):
     """A 2xx response whose body is not a usable chat completion."""
+
+
+class _Stopped(Exception):
+    """Another worker failed for good: this one stops without starting anything new."""
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    def __init__(self, inner, deadline: float, timeout_s: float, request):
+        self._inner, self._deadline, self._timeout_s, self._request = inner, deadline, timeout_s, request
+
+    def __iter__(self):
+        for chunk in self._inner:
+            if time.monotonic() > self._deadline:
+                raise httpx.ReadTimeout(f"response not complete within timeout_s={self._timeout_s}",
+                                        request=self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class _DeadlineTransport(httpx.HTTPTransport):
+    """HTTP transport whose requests (headers and body together) end by `timeout_s`."""
+
+    def __init__(self, timeout_s: float, **kwargs):
+        super().__init__(**kwargs)
+        self._timeout_s = timeout_s
+
+    def handle_request(self, request):
+        deadline = time.monotonic() + self._timeout_s
+        timeouts = request.extensions.get("timeout")
+        response = super().handle_request(request)
+        if isinstance(timeouts, dict):  # body reads: at most the time left
+            timeouts["read"] = max(deadline - time.monotonic(), 0.001)
+        response.stream = _DeadlineStream(response.stream, deadline, self._timeout_s, request)
+        return response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +113,13 @@ class TeacherConfig:
 
     def __post_init__(self):
         if not self.model:
-            raise ValueError("TeacherConfig.model is required (teacher.gin: --gin.TEACHER_MODEL=...)")
+            raise InputError("TeacherConfig.model is required (teacher.gin: --gin.TEACHER_MODEL=...)",
+                             field="TEACHER_MODEL")
         if self.n < 1 or self.max_samples_per_request < 1 or self.concurrency < 1 or self.max_attempts < 1:
-            raise ValueError("n, max_samples_per_request, concurrency and max_attempts must be >= 1")
+            raise InputError("n, max_samples_per_request, concurrency and max_attempts must be >= 1",
+                             field="TeacherConfig")
+        if not self.timeout_s > 0:
+            raise InputError(f"timeout_s must be > 0, got {self.timeout_s}", field="TeacherConfig.timeout_s")
 
 
 def cache_key(*, model: str, temperature: float, question_id: str, prompt: str, sample: int) -> str:
@@ -72,12 +131,12 @@ class SampleCache:
     """Append-only JSONL cache of teacher samples: one line {key, id, sample, text, ...} each.
 
     A line cut short by a killed process is ignored on load (and the file is re-terminated with a
-    newline so later appends stay parseable). Safe to use from several threads.
+    newline so later appends stay parseable). The file is created by the first `put`, so a run
+    that gets no sample writes nothing. Safe to use from several threads.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._texts: dict[str, str] = {}
         self.skipped_lines = 0
         if self.path.exists():
@@ -92,11 +151,9 @@ class SampleCache:
             needs_newline = bool(data) and not data.endswith(b"\n")
         else:
             needs_newline = False
+        self._needs_newline = needs_newline
         self._lock = threading.Lock()
-        self._file = open(self.path, "a", encoding="utf-8")
-        if needs_newline:
-            self._file.write("\n")
-            self._file.flush()
+        self._file = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._texts
@@ -110,13 +167,21 @@ class SampleCache:
     def put(self, key: str, text: str, **meta) -> None:
         line = json.dumps({"key": key, "text": text, **meta}, ensure_ascii=False)
         with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+                if self._needs_newline:
+                    self._file.write("\n")
             self._file.write(line + "\n")
             self._file.flush()
             os.fsync(self._file.fileno())
             self._texts[key] = text
 
     def close(self) -> None:
-        self._file.close()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> "SampleCache":
         return self
@@ -131,6 +196,8 @@ class UsageTally:
 
     requests: int = 0
     retries: int = 0
+    timeouts: int = 0
+    unusable_responses: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     new_samples: int = 0
@@ -185,18 +252,50 @@ class TeacherClient:
         if client is None:
             api_key = config.api_key or os.environ.get("OPENAI_API_KEY")
             if not api_key:
-                raise ValueError("no API key: pass api_key or set OPENAI_API_KEY (any value for local servers)")
+                raise InputError("no API key: pass api_key or set OPENAI_API_KEY (any value for local servers)",
+                                 field="api_key")
             client = openai.OpenAI(
                 api_key=api_key,
                 base_url=config.base_url or os.environ.get("OPENAI_BASE_URL") or None,
                 timeout=config.timeout_s,
                 max_retries=0,
+                http_client=openai.DefaultHttpxClient(transport=_DeadlineTransport(config.timeout_s),
+                                                      timeout=config.timeout_s),
             )
         self._client = client
+        # The HTTP library logs every request at INFO (absl shows INFO on stderr): one line per
+        # request would bury our own. Left alone when a user set a level.
+        for name in (httpx.__name__, "httpcore", "httpcore2", "openai"):
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._n_supported = config.max_samples_per_request > 1
+        self._stop = threading.Event()
         self.usage = UsageTally()
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL, without any user:password part."""
+        return re.sub(r"//[^/@]*@", "//", str(getattr(self._client, "base_url", "") or "the endpoint"))
+
+    def _describe(self, error: Exception) -> str:
+        if isinstance(error, openai.APIStatusError):
+            body = error.body
+            detail = None
+            if isinstance(body, dict):
+                inner = body.get("error") if isinstance(body.get("error"), dict) else body
+                detail = inner.get("message") if isinstance(inner.get("message"), str) else None
+            detail = " ".join((detail or "").split())[:200]
+            return f"HTTP {error.status_code}" + (f" ({detail})" if detail else "")
+        if isinstance(error, openai.APITimeoutError):
+            return f"no complete answer within timeout_s={self.config.timeout_s}"
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__ or error
+            return f"connection failed ({' '.join(str(cause).split())[:200] or type(cause).__name__})"
+        if isinstance(error, MalformedResponse):
+            return f"unusable response ({error})"
+        return f"{type(error).__name__}: {error}"
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         cfg = self.config
@@ -214,6 +313,8 @@ class TeacherClient:
         last: Exception | None = None
         attempt = 0
         while attempt < cfg.max_attempts:
+            if self._stop.is_set():
+                raise _Stopped()
             attempt += 1
             retry_after = None
             kwargs = dict(model=cfg.model, messages=messages, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -227,8 +328,14 @@ class TeacherClient:
                 self.usage.add(prompt_tokens=int(usage.get("prompt_tokens") or 0),
                                completion_tokens=int(usage.get("completion_tokens") or 0))
                 return choices
-            except (openai.APITimeoutError, openai.APIConnectionError, MalformedResponse) as e:
+            except openai.APITimeoutError as e:  # (a subclass of APIConnectionError)
                 last = e
+                self.usage.add(timeouts=1)
+            except openai.APIConnectionError as e:
+                last = e
+            except MalformedResponse as e:
+                last = e
+                self.usage.add(unusable_responses=1)
             except openai.APIStatusError as e:
                 last = e
                 if e.status_code == 400 and k > 1:
@@ -238,15 +345,22 @@ class TeacherClient:
                     attempt -= 1
                     continue
                 if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
-                    raise TeacherError(f"teacher request failed with HTTP {e.status_code}: {e}") from e
+                    hint = {401: "; check OPENAI_API_KEY / TeacherConfig.api_key",
+                            403: "; check the API key's permissions",
+                            404: "; check base_url and the model name"}.get(e.status_code, "")
+                    raise TeacherError(f"teacher endpoint {self.endpoint} refused the request: "
+                                       f"{self._describe(e)}{hint}", status=e.status_code) from None
                 try:
                     retry_after = float(e.response.headers.get("retry-after"))
                 except (TypeError, ValueError):
                     retry_after = None
             if attempt < cfg.max_attempts:
                 self.usage.add(retries=1)
-                time.sleep(self._backoff(attempt, retry_after))
-        raise TeacherError(f"teacher request failed after {cfg.max_attempts} attempts: {last!r}") from last
+                if self._stop.wait(self._backoff(attempt, retry_after)):
+                    raise _Stopped()
+        status = last.status_code if isinstance(last, openai.APIStatusError) else None
+        raise TeacherError(f"teacher endpoint {self.endpoint} failed for good: giving up after {cfg.max_attempts} "
+                           f"attempts (last: {self._describe(last)})", status=status) from None
 
     def sample_question(self, example: Example, prompt: str, messages: list[dict], cache: SampleCache) -> list[str]:
         """Exactly `n` samples for one question, from the cache first, then from the server."""
@@ -256,6 +370,8 @@ class TeacherClient:
         missing = [i for i, key in enumerate(keys) if key not in cache]
         self.usage.add(cached_samples=cfg.n - len(missing))
         while missing:
+            if self._stop.is_set():
+                raise _Stopped()
             k = min(len(missing), cfg.max_samples_per_request) if self._n_supported else 1
             choices = self.request(messages, k)[:len(missing)]
             for (text, finish_reason), index in zip(choices, missing):
@@ -274,27 +390,48 @@ class TeacherClient:
         build_messages: Callable[[Example], list[dict]],
         progress: bool = True,
     ) -> dict[str, list[str]]:
-        """{question id: n rationales} for every example, `concurrency` questions at a time."""
+        """{question id: n rationales} for every example, `concurrency` questions at a time.
+
+        The first failure for good stops every worker (see the module doc) and is raised."""
         results: dict[str, list[str]] = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            futures = {
-                pool.submit(self.sample_question, ex, build_prompt(ex), build_messages(ex), cache): ex.id
-                for ex in examples
-            }
+        self._stop.clear()
+
+        def work(ex: Example) -> list[str]:
+            if self._stop.is_set():
+                raise _Stopped()
             try:
-                bar = tqdm(concurrent.futures.as_completed(futures), total=len(futures), disable=not progress,
-                           desc=f"teacher {self.config.model}", unit="q")
+                return self.sample_question(ex, build_prompt(ex), build_messages(ex), cache)
+            except _Stopped:
+                raise
+            except BaseException:
+                self._stop.set()  # before any other worker picks up a new question
+                raise
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            futures = {pool.submit(work, ex): ex.id for ex in examples}
+            try:
+                # disable=None: a bar on a terminal only, never in logs (nor in one-line error output)
+                bar = tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                           disable=None if progress else True, desc=f"teacher {self.config.model}", unit="q")
                 for future in bar:
                     results[futures[future]] = future.result()
                     bar.set_postfix(new=self.usage.new_samples, tok=self.usage.prompt_tokens
                                     + self.usage.completion_tokens, refresh=False)
-            except BaseException:
+            except BaseException as error:
+                self._stop.set()
                 pool.shutdown(wait=True, cancel_futures=True)
+                if isinstance(error, _Stopped):  # raise the failure that stopped this one instead
+                    for future in futures:
+                        if future.done() and not future.cancelled():
+                            first = future.exception()
+                            if first is not None and not isinstance(first, _Stopped):
+                                raise first from None
                 raise
         return {ex.id: results[ex.id] for ex in examples}
 
     def summary(self) -> str:
         u, cfg = self.usage, self.config
         return (f"teacher {cfg.model}: {u.new_samples} new samples, {u.cached_samples} from cache, "
-                f"{u.requests} requests ({u.retries} retries), {u.prompt_tokens} prompt + "
-                f"{u.completion_tokens} completion tokens, cost {u.cost(cfg):.4f}")
+                f"{u.requests} requests ({u.retries} retries, {u.timeouts} timeouts, {u.unusable_responses} "
+                f"unusable responses), {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, "
+                f"cost {u.cost(cfg):.4f}")

@@ -4,15 +4,19 @@ Checks, in order; a dropped rationale is counted under the FIRST reason that app
   empty          only whitespace
   degenerate     refusals and "This question is identical to ..." style junk (regexes)
   too_short      fewer than `min_words` words
-  wrong_answer   `parse_answer` recovers an answer other than the gold one
-  no_answer      no answer can be parsed (only when `keep_unparsable=False`)
+  wrong_answer   the rationale's answer is not the gold one: its predicted-answer field when the
+                 import maps one (and the value is set), else what `parse_answer` recovers
+  no_answer      no answer can be found (only when `keep_unparsable=False`)
   rules_out_gold the text calls the gold option wrong ("Option (C) is incorrect ...")
   duplicate      same text as an earlier kept rationale of the question after lower-casing and
                  removing punctuation/extra whitespace, or word-trigram Jaccard similarity >=
                  `near_duplicate_jaccard`
 Default `keep_unparsable=True`: many good rationales never restate the letter (75% of the OBQA
 release's teacher outputs just explain, then rule out the other options); the teacher saw the gold
-answer, so a rationale without a contrary answer is kept, as in the release.
+answer, so a rationale without a contrary answer is kept, as in the release. The report counts
+the rationales that reached the answer check (`answer_checked`) and those without any answer
+(`unjudged`): when most are unjudged the wrong-answer filter is doing nothing, and the teacher
+stage (`kard_jax.teacher.run`) refuses to go on unless told to.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import functools
 import re
 from typing import Mapping, Sequence
 
-from kard_jax.data.example import Example, option_letter
+from kard_jax.data.example import Example
 from kard_jax.data.prompts import parse_answer
 
 DEFAULT_DEGENERATE_PATTERNS: tuple[str, ...] = (
@@ -64,6 +68,9 @@ class FilterReport:
     kept: int = 0
     kept_unparsable: int = 0
     questions_without_rationales: int = 0
+    answer_checked: int = 0  # rationales that reached the wrong-answer check
+    unjudged: int = 0  # ... of which no answer could be found (field unset and text unparsable)
+    answers_from_field: int = 0  # ... of which the answer came from a predicted-answer field
     dropped: dict[str, int] = dataclasses.field(default_factory=lambda: {r: 0 for r in REASONS})
 
     def as_dict(self) -> dict:
@@ -71,8 +78,9 @@ class FilterReport:
 
     def summary(self) -> str:
         dropped = ", ".join(f"{r}={c}" for r, c in self.dropped.items() if c)
+        from_field = f", {self.answers_from_field} answers from the answer field" if self.answers_from_field else ""
         return (f"{self.questions} questions, {self.rationales_in} rationales -> kept {self.kept} "
-                f"({self.kept_unparsable} without a parsable answer); dropped {sum(self.dropped.values())}"
+                f"({self.kept_unparsable} without a parsable answer{from_field}); dropped {sum(self.dropped.values())}"
                 f" ({dropped or 'none'}); {self.questions_without_rationales} questions left without rationales")
 
 
@@ -107,16 +115,21 @@ def rules_out(text: str, letter: str) -> bool:
 
 
 def filter_rationales(
-    example: Example, rationales: Sequence[str], config: FilterConfig = FilterConfig()
+    example: Example, rationales: Sequence[str], config: FilterConfig = FilterConfig(),
+    answers: Sequence[int | None] | None = None,
 ) -> tuple[list[str], collections.Counter]:
-    """(kept rationales, Counter of drop reasons + "kept_unparsable") for one question."""
+    """(kept rationales, Counter of drop reasons + "kept_unparsable", "answer_checked", "unjudged",
+    "answers_from_field") for one question. `answers`: each rationale's predicted option index
+    from the import (None: not given, parse the text)."""
+    if answers is not None and len(answers) != len(rationales):
+        raise ValueError(f"{len(answers)} answers for {len(rationales)} rationales of {example.id!r}")
     degenerate = _compile_any(config.degenerate_patterns)
-    gold = option_letter(example.answer)
+    gold = example.answer_letter()  # InputError for an unlabeled example
     kept: list[str] = []
     seen_norm: set[str] = set()
     seen_grams: list[frozenset] = []
     counts: collections.Counter = collections.Counter()
-    for raw in rationales:
+    for position, raw in enumerate(rationales):
         text = raw.strip()
         if not text:
             counts["empty"] += 1
@@ -127,7 +140,15 @@ def filter_rationales(
         if len(text.split()) < config.min_words:
             counts["too_short"] += 1
             continue
-        parsed = parse_answer(text, len(example.options), example.options)
+        counts["answer_checked"] += 1
+        given = answers[position] if answers is not None else None
+        if given is not None:
+            counts["answers_from_field"] += 1
+            parsed = given
+        else:
+            parsed = parse_answer(text, len(example.options), example.options)
+        if parsed is None:
+            counts["unjudged"] += 1
         if parsed is not None and parsed != example.answer:
             counts["wrong_answer"] += 1
             continue
@@ -154,20 +175,26 @@ def filter_rationales(
 
 
 def filter_all(
-    examples: Sequence[Example], rationales: Mapping[str, Sequence[str]], config: FilterConfig = FilterConfig()
+    examples: Sequence[Example], rationales: Mapping[str, Sequence[str]], config: FilterConfig = FilterConfig(),
+    answers: Mapping[str, Sequence[int | None]] | None = None,
 ) -> tuple[dict[str, list[str]], FilterReport]:
     """Filter the rationales of every example (in example order; missing ids count as none).
-    Rationale ids with no example are ignored: callers check coverage (see `run`)."""
+    Rationale ids with no example are ignored: callers check coverage (see `run`). `answers`:
+    {id: predicted option index or None per rationale} from an import's answer field."""
     report = FilterReport()
     out: dict[str, list[str]] = {}
     for example in examples:
         given = rationales.get(example.id, [])
-        kept, counts = filter_rationales(example, given, config)
+        given_answers = answers.get(example.id) if answers is not None else None
+        kept, counts = filter_rationales(example, given, config, given_answers)
         out[example.id] = kept
         report.questions += 1
         report.rationales_in += len(given)
         report.kept += len(kept)
         report.kept_unparsable += counts.pop("kept_unparsable", 0)
+        report.answer_checked += counts.pop("answer_checked", 0)
+        report.unjudged += counts.pop("unjudged", 0)
+        report.answers_from_field += counts.pop("answers_from_field", 0)
         report.questions_without_rationales += not kept
         for reason, count in counts.items():
             report.dropped[reason] += count
