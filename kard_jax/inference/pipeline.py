@@ -8,6 +8,7 @@ Outputs `predictions.jsonl` and `metrics.json`, written atomically.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,6 +84,114 @@ def student_inputs(
     ]
 
 
+def example_keys(seed: int, indices: Sequence[int]) -> np.ndarray:
+    """[n, 2] raw PRNG keys, one per example: fold_in(PRNGKey(seed), its index in the examples).
+    Sampling with them gives each example the same samples whatever its batch, position, padding,
+    mesh or process (padding rows: index -1 -> any key, their outputs are dropped)."""
+    base = jax.random.PRNGKey(seed)
+    idx = np.asarray([max(int(i), 0) for i in indices], np.uint32)
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(idx))
+
+
+def process_share(num_examples: int, process_index: int | None = None,
+                  process_count: int | None = None) -> range:
+    """The contiguous block of example indices a process evaluates (blocks of ceil(n / processes),
+    in process order; the last ones may be shorter or empty)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    per = -(-num_examples // process_count)
+    return range(min(process_index * per, num_examples), min((process_index + 1) * per, num_examples))
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    """Every process's `obj` (JSON-serialisable), in process order, on every process."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(gathered[i, : int(n)]).decode("utf-8")) for i, n in enumerate(sizes)]
+
+
+def _allgather_rows(local: np.ndarray) -> np.ndarray:
+    """[local_rows, ...] from every process -> [processes * local_rows, ...] in process order."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=False)).reshape((-1,) + local.shape[1:])
+
+
+def _prediction_from_dict(d: dict) -> Prediction:
+    return Prediction(d["id"], d["gold"], d["predicted"], tuple(d["texts"]), dict(d["votes"]), tuple(d["passages"]))
+
+
+class _Decoder:
+    """Decodes a batch of token rows: on one device (`mesh` None), or under `mesh` with the batch
+    sharded over its `batch` axes and the params where they are (restored into the mesh's
+    shardings). Under the mesh every process passes its own rows (the same count on each);
+    the rows of all processes form the global batch and each process gets its own rows back."""
+
+    def __init__(self, model: t5.T5, params: Any, decode: DecodeConfig, mesh: Any, rules: Any):
+        from flax import linen as nn
+
+        self.model, self.params, self.decode, self.mesh = model, params, decode, mesh
+        self.greedy = decode.num_samples == 1 and decode.temperature == 0.0
+        self.ways = 1
+        if mesh is not None:
+            from kard_jax.training import partitioning
+
+            self.rules = partitioning.rules_for_mesh(
+                partitioning.standard_logical_axis_rules() if rules is None else rules, mesh)
+            self.ways = partitioning.batch_axis_size(mesh, self.rules)
+            self._sharding = lambda ndim: partitioning.batch_sharding(mesh, self.rules, ndim)
+            self._contexts = lambda: (jax.set_mesh(mesh), nn.logical_axis_rules(self.rules))
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """Rows per process and call: the global batch (`batch_size` rounded up to a multiple of
+        the batch axes' size and of the process count) over the processes."""
+        if self.mesh is None:
+            return batch_size
+        import math
+
+        step = math.lcm(self.ways, jax.process_count())
+        return -(-batch_size // step) * step // jax.process_count()
+
+    def __call__(self, tokens: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """tokens [rows, L], keys [rows, 2] -> [rows, num_samples, max_decode_len] (this process's rows)."""
+        if self.mesh is None:
+            return self._run(self.params, tokens, keys)
+        rows = tokens.shape[0]
+        tokens, keys = _allgather_rows(tokens), _allgather_rows(keys)
+        args = [jax.make_array_from_callback(x.shape, self._sharding(x.ndim), lambda idx, x=x: x[idx])
+                for x in (tokens, keys)]
+        with contextlib.ExitStack() as stack:
+            for context in self._contexts():
+                stack.enter_context(context)
+            out = self._run(self.params, *args)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
+        start = jax.process_index() * rows
+        return np.asarray(out)[start:start + rows]
+
+    def _run(self, params, tokens, keys):
+        d = self.decode
+        if self.greedy:
+            out = decoding.greedy_decode(self.model, params, tokens, max_decode_len=d.max_decode_len)[:, None]
+        else:
+            out, _ = decoding.sample_decode(
+                self.model, params, tokens, keys, max_decode_len=d.max_decode_len, num_decodes=d.num_samples,
+                temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+            )
+        return out if self.mesh is not None else np.asarray(out)
+
+
 def predict(
     examples: Sequence[Example],
     *,
@@ -94,31 +203,44 @@ def predict(
     decode: DecodeConfig = DecodeConfig(),
     batch_size: int = 8,
     template: prompts.PromptTemplate | None = None,
+    mesh: Any = None,
+    logical_axis_rules: Any = None,
 ) -> list[Prediction]:
-    """Runs the student over `examples`; batches are padded to a fixed shape (one compilation)."""
-    rng = jax.random.PRNGKey(decode.seed)
-    greedy = decode.num_samples == 1 and decode.temperature == 0.0
+    """Runs the student over `examples`; batches are padded to a fixed shape (one compilation).
+
+    Sampling draws each example's samples from its own key (`example_keys`: the seed and the
+    example's index), so predictions do not depend on batching, the mesh or the process count.
+
+    With a `mesh` (`jax.sharding.Mesh`; `params` restored into its shardings, e.g. by
+    `run.load_student_params(..., mesh=...)`), decoding runs under it with the batch sharded over
+    the `batch` logical axis (`logical_axis_rules`, default the standard table); `batch_size` is
+    rounded up to a multiple of the batch axes' size. Under several processes (`jax.distributed`)
+    each process retrieves passages for and decodes its own block of the examples
+    (`process_share`; every process calls this with the same examples), and every process returns
+    all predictions, each example once, in input order.
+    """
+    decoder = _Decoder(model, params, decode, mesh, logical_axis_rules)
+    local_bs = decoder.local_batch_size(batch_size)
+    share = process_share(len(examples)) if mesh is not None else range(len(examples))
+    # Every process makes the same number of calls (the longest share's); shorter shares pad.
+    longest = len(process_share(len(examples), 0)) if mesh is not None else len(examples)
     out: list[Prediction] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="inference", unit="batch"):
-        batch = list(examples[start : start + batch_size])
-        passages = passages_for(batch)
+    for start in tqdm(range(0, longest, local_bs), desc="inference", unit="batch", disable=jax.process_index() != 0):
+        indices = list(share[start : start + local_bs])
+        batch = [examples[i] for i in indices]
+        passages = passages_for(batch) if batch else []
         texts = student_inputs(batch, passages, tokenizer=tokenizer, input_length=input_length, template=template)
-        tokens = tokenizer.batch_encode(texts + [""] * (batch_size - len(texts)), input_length)
-        if greedy:
-            decoded = np.asarray(decoding.greedy_decode(model, params, tokens, max_decode_len=decode.max_decode_len))[:, None]
-        else:
-            rng, step_rng = jax.random.split(rng)
-            decoded, _ = decoding.sample_decode(
-                model, params, tokens, step_rng, max_decode_len=decode.max_decode_len,
-                num_decodes=decode.num_samples, temperature=decode.temperature,
-                top_k=decode.top_k, top_p=decode.top_p,
-            )
-            decoded = np.asarray(decoded)
+        tokens = tokenizer.batch_encode(texts + [""] * (local_bs - len(texts)), input_length)
+        keys = example_keys(decode.seed, indices + [-1] * (local_bs - len(indices)))
+        decoded = decoder(np.asarray(tokens, np.int32), keys)
         for i, e in enumerate(batch):
             outputs = tuple(tokenizer.decode(seq) for seq in decoded[i])
             answers = [prompts.parse_answer(o, len(e.options), e.options) for o in outputs]
             winner, votes = majority_vote(answers)
             out.append(Prediction(e.id, e.answer, winner, outputs, votes, tuple(passages[i])))
+    if mesh is not None and jax.process_count() > 1:
+        out = [_prediction_from_dict(d) for shard in _allgather_json([dataclasses.asdict(p) for p in out])
+               for d in shard]
     return out
 
 
@@ -165,7 +287,8 @@ def evaluate(
     With sampling and several `seeds`, metrics.json holds the mean accuracy, its standard
     deviation over seeds and each seed's accuracy (predictions.jsonl: the first seed's).
     Greedy decoding does not depend on the seed, so it runs once. `info` (knowledge source,
-    student checkpoint, ...) is recorded in metrics.json as is.
+    student checkpoint, ...) is recorded in metrics.json as is. Under several processes (a
+    `mesh` in `predict_kwargs`) each evaluates its share and process 0 writes the files.
     """
     t0 = time.time()
     greedy = decode.num_samples == 1 and decode.temperature == 0.0
@@ -195,6 +318,8 @@ def evaluate(
     metrics["decode"] = dataclasses.asdict(decode) | {"greedy": greedy}
     metrics.update(info or {})
     metrics["seconds"] = round(time.time() - t0, 2)
+    if jax.process_index() != 0:  # every process holds every prediction; one writes them
+        return metrics
     write_predictions(out_dir, predictions, metrics)
     accuracy = metrics.get("accuracy")
     shown = "n/a (unlabeled examples)" if accuracy is None else (

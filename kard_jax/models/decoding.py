@@ -9,6 +9,9 @@ as soon as every sequence has produced `eos_id`; every token after a sequence's 
 
 Every configuration argument is static (one compilation per configuration); the arrays
 (params, tokens, rng) are traced, so the functions run under any mesh / input sharding.
+`sample_decode` also takes one PRNG key per input row ([b, 2]): each row's samples then depend
+only on its own key, not on its batch, its position or the sharding (what sharded and
+multi-host evaluation use to reproduce single-device samples).
 """
 import functools
 from typing import Any
@@ -35,7 +38,7 @@ class _LoopState:
     sequences: jnp.ndarray  # [B, L] int32, produced tokens (0 after EOS / not yet produced)
     cache: PyTree  # flax "cache" collection
     ended: jnp.ndarray  # [B] bool, EOS already produced
-    rng: jnp.ndarray  # PRNG key
+    rng: jnp.ndarray  # PRNG key, or [B, 2] one key per row
     log_prob: jnp.ndarray  # [B] float32, sum of model log-probs of produced tokens
 
 
@@ -95,6 +98,14 @@ def _decode_loop(
     batch, encoder_len = encoder_input_tokens.shape
     cache = t5.init_cache(model, params, batch, encoder_len, max_decode_len)
     greedy = temperature <= MIN_TEMPERATURE
+    per_row = rng.ndim == 2  # one raw key per input row
+    if per_row:
+        if rng.shape[0] * num_decodes != batch:
+            raise ValueError(f"per-row rng must have one key per input, got {rng.shape[0]} keys for "
+                             f"{batch // num_decodes} inputs")
+        if num_decodes > 1:  # sample j of input i: fold_in(key_i, j)
+            rng = jax.vmap(jax.random.fold_in)(flat_batch_expand(rng, num_decodes),
+                                               jnp.tile(jnp.arange(num_decodes, dtype=jnp.uint32), batch // num_decodes))
 
     def cond_fn(state: _LoopState) -> jnp.ndarray:
         return (state.step < max_decode_len) & ~jnp.all(state.ended)
@@ -110,12 +121,20 @@ def _decode_loop(
             mutable=["cache"],
         )
         logits = logits[:, -1, :].astype(jnp.float32)
-        rng, step_rng = jax.random.split(state.rng)
+        if per_row:
+            keys = jax.vmap(jax.random.split)(state.rng)
+            rng, step_rng = keys[:, 0], keys[:, 1]
+        else:
+            rng, step_rng = jax.random.split(state.rng)
         if greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-            token = jax.random.categorical(step_rng, filtered, axis=-1).astype(jnp.int32)
+            if per_row:
+                token = jax.vmap(lambda k, row: jax.random.categorical(k, row))(step_rng, filtered)
+            else:
+                token = jax.random.categorical(step_rng, filtered, axis=-1)
+            token = token.astype(jnp.int32)
         token_log_prob = jnp.take_along_axis(
             jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1
         )[:, 0]
@@ -190,6 +209,8 @@ def sample_decode(
     are the sums of the model's own log-probabilities (log_softmax of the unfiltered logits)
     of the produced tokens up to and including EOS. temperature <= 1e-4 decodes greedily.
     Samples stay in draw order (not sorted by log-prob); the same rng gives the same samples.
+    `rng` is one PRNG key, or raw keys [b, 2] (one per input: `jax.random.PRNGKey` values), with
+    which every input's samples depend only on its own key (not on the batch or its sharding).
     """
     if num_decodes < 1:
         raise ValueError(f"num_decodes must be >= 1, got {num_decodes}")
