@@ -21,6 +21,19 @@ from kard_jax.models import reranker as reranker_lib
 from kard_jax.tokenizer import Tokenizer
 
 
+def reranker_tokenizer(path: str | os.PathLike) -> Any:
+    """The reranker's tokenizer: a Hugging Face BERT-family directory (vocab.txt / tokenizer.json,
+    e.g. MiniLM) or a SentencePiece vocabulary directory (the T5 backbone's, usually the student's)."""
+    import pathlib
+
+    directory = pathlib.Path(path)
+    if any((directory / name).is_file() for name in ("vocab.txt", "tokenizer.json", "vocab.json")):
+        from kard_jax import hf_bert_io
+
+        return hf_bert_io.load_tokenizer(directory)
+    return Tokenizer(directory)
+
+
 def rerank_order(scores: np.ndarray) -> np.ndarray:
     """Candidate positions by descending score; ties keep the BM25 order (stable)."""
     return np.argsort(-np.asarray(scores), axis=-1, kind="stable")

@@ -129,7 +129,8 @@ def eval_reranker(
     """Hits@k / MRR of bm25, dense, reranked, untrained and random rankings against the silver
     passages; writes `out_dir`/metrics.json + results.md + TensorBoard scalars and returns the metrics.
 
-    `holdout_fraction`: evaluate only the questions held out of reranker training with this
+    `vocab_path`: the reranker's vocabulary (a SentencePiece directory, or a Hugging Face
+    BERT-family directory such as MiniLM's). `holdout_fraction`: evaluate only the questions held out of reranker training with this
     fraction (the training gin's RERANKER_HOLDOUT); None evaluates every question of the file.
     """
     from kard_jax.data.readers import read_examples
@@ -156,9 +157,8 @@ def eval_reranker(
         import jax
 
         from kard_jax.inference import rerank, run as run_lib
-        from kard_jax.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer(vocab_path)
+        tokenizer = rerank.reranker_tokenizer(vocab_path)
         common = dict(tokenizer=tokenizer, query_form=query_form, query_length=query_length,
                       candidate_length=candidate_length, batch_size=batch_size)
         trained = run_lib.load_reranker_params(reranker_checkpoint, reranker, query_length, candidate_length)

@@ -139,6 +139,7 @@ def infer(
     embedder: Any = None,
     rationales_path: str | None = None,
     method: str | None = None,
+    reranker_vocab_path: str | None = None,
     mesh_config: Any = None,
     logical_axis_rules: Any = None,
 ) -> dict:
@@ -222,7 +223,9 @@ def infer(
                     reranker_checkpoint, reranker, query_length, candidate_length,
                     mesh=None if mesh is None else local_mesh(mesh), logical_axis_rules=rules)
                 ranker = rerank.reranked_ranker(
-                    kb, ranker, model=reranker, params=reranker_params, tokenizer=tokenizer, query_form=query_form,
+                    kb, ranker, model=reranker, params=reranker_params,
+                    tokenizer=rerank.reranker_tokenizer(reranker_vocab_path) if reranker_vocab_path else tokenizer,
+                    query_form=query_form,
                     query_length=query_length, candidate_length=candidate_length, batch_size=batch_size,
                 )
                 info.update(reranker=os.path.abspath(reranker_checkpoint), n_candidates=n_candidates,

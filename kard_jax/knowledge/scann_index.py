@@ -24,7 +24,7 @@ class ScannConfig:
     """Tree (k-means partitioning) + anisotropic hashing + exact float32 reordering."""
 
     num_leaves: int | None = None  # None: about sqrt(N)
-    leaves_to_search_fraction: float = 0.1
+    leaves_to_search_fraction: float = 0.3  # MiniLM x StrategyQA KB: recall@10 0.955 at 2.7x brute force's q/s
     training_sample_size: int = 250_000
     dimensions_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
