@@ -3,14 +3,26 @@
 The encode step is one jitted function whose batch is sharded over the mesh's data axis
 (params replicated), so it runs unchanged on 8 fake CPU devices or a TPU slice. Embeddings of
 a passage store are written as `.npy` shards plus a manifest.
+
+Several processes (`jax.distributed`, one per host of a pod slice): the embedders' default mesh
+is this process's devices (`jax.local_devices()`), and `embed_passages` gives each process a
+contiguous block of the passages; every process writes its block's shards into one temp
+directory that process 0 created, process 0 checks that the shards hold every passage exactly
+once, in passage order, writes the manifest and moves the directory into place (once). The
+output directory must be on a filesystem every host sees (NFS, Filestore, a gcsfuse mount of a
+gs:// bucket), as it is for a KB on a pod slice. The result reads as one process's does
+(`load_embeddings`, same manifest fields); its shards follow the processes' blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import flax.linen as nn
 import jax
@@ -24,6 +36,99 @@ from kard_jax.models import t5
 
 _FORMAT = "kard_jax.embeddings/1"
 TokenizeFn = Callable[[str], Sequence[int]]
+_T = TypeVar("_T")
+
+
+def local_mesh(data_axis: str = "data") -> Mesh:
+    """A 1-D mesh over this process's devices: all devices in one process; under several
+    processes each one embeds its own texts and reads its outputs without the others."""
+    return Mesh(np.array(jax.local_devices()), (data_axis,))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several processes: exchanging small JSON values, agreeing on success, one shared temp directory.
+def allgather_json(obj: Any) -> list[Any]:
+    """Every process's `obj` (JSON-serialisable), in process order, on every process (a
+    collective: every process must call it, in the same order as its other collectives)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    buf = np.zeros(max(1, int(sizes.max())), np.uint8)
+    buf[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(gathered[i, : int(n)]).decode("utf-8")) for i, n in enumerate(sizes)]
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def agree(what: str, fn: Callable[[], _T]) -> _T:
+    """Runs `fn()` here; under several processes all of them then learn whether it failed
+    anywhere (a collective, so no process is left waiting for one that failed) and, if it did,
+    every process raises: the failing one its own error, the others a RuntimeError naming the
+    process. One process: just `fn()`."""
+    if jax.process_count() == 1:
+        return fn()
+    try:
+        result, error = fn(), None
+    except Exception as e:  # noqa: BLE001 - exchanged, then re-raised
+        result, error = None, e
+    statuses = allgather_json(None if error is None else _describe(error))
+    if error is not None:
+        raise error
+    failed = [(i, s) for i, s in enumerate(statuses) if s is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on process {failed[0][0]}: {failed[0][1]}")
+    return result
+
+
+@contextlib.contextmanager
+def shared_atomic_directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """`atomic.atomic_directory(path)` for every process of a `jax.distributed` job.
+
+    Process 0 creates the temp directory and every process gets its path (on a filesystem all
+    hosts share); when the body ended on every process, process 0 alone moves the directory into
+    place and the others return only after it did (or raise if it failed). The body must call
+    the same collectives on every process and exchange its own failures with them (`agree`); a
+    body that raised on any process leaves nothing behind and raises on every process.
+    One process: exactly `atomic.atomic_directory(path)`.
+    """
+    if jax.process_count() == 1:
+        with atomic.atomic_directory(path) as tmp:
+            yield tmp
+        return
+    main = jax.process_index() == 0
+    cm = atomic.atomic_directory(path) if main else None
+    created: dict = {}
+    if main:
+        try:
+            created["tmp"] = str(cm.__enter__())
+        except Exception as e:  # noqa: BLE001 - exchanged, then re-raised
+            allgather_json({"error": _describe(e)})
+            raise
+    first = allgather_json(created)[0]
+    if "error" in first:
+        raise RuntimeError(f"process 0 could not create a temp directory for {path}: {first['error']}")
+    try:
+        yield pathlib.Path(first["tmp"])
+    except Exception as e:
+        if main:
+            cm.__exit__(type(e), e, e.__traceback__)  # removes the temp directory
+        agree(f"writing {path}", lambda: _raise(e))
+        raise  # not reached: agree re-raises e
+    except BaseException as e:  # KeyboardInterrupt, SystemExit: no collectives, just clean up
+        if main:
+            cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    agree(f"moving {path} into place", lambda: cm.__exit__(None, None, None) if main else None)
 
 
 def as_tokenize_fn(tokenizer: Any) -> TokenizeFn:
@@ -59,7 +164,7 @@ class T5Embedder:
     ):
         self.config, self.max_length = config, max_length
         self.tokenize = as_tokenize_fn(tokenizer)
-        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), (data_axis,))
+        self.mesh = mesh if mesh is not None else local_mesh(data_axis)
         n_data = self.mesh.shape[data_axis]
         self.batch_size = int(math.ceil(batch_size / n_data) * n_data)  # divisible by the data axis
         model = t5.T5(config)
@@ -96,6 +201,65 @@ class T5Embedder:
         return out
 
 
+def shard_plan(num_texts: int, shard_size: int, process_count: int = 1) -> list[tuple[int, int, int]]:
+    """(process, start, stop) of every embeddings shard, in passage order: each process embeds a
+    contiguous block of ceil(num_texts / process_count) texts (the last blocks may be shorter or
+    empty), cut every `shard_size` rows. One process: shards of `shard_size` rows; no texts: one
+    empty shard."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    per = -(-num_texts // process_count)
+    plan = []
+    for p in range(process_count):
+        lo, hi = min(p * per, num_texts), min((p + 1) * per, num_texts)
+        plan.extend((p, s, min(hi, s + shard_size)) for s in range(lo, hi, shard_size))
+    return plan or [(0, 0, 0)]
+
+
+def _shard_name(k: int, num_shards: int) -> str:
+    return f"embeddings-{k:05d}-of-{num_shards:05d}.npy"
+
+
+def check_shards(directory: str | os.PathLike, reports: Sequence[dict], num_texts: int, dim: int, dtype: str,
+                 *, wait_seconds: float = 60.0) -> list[str]:
+    """The shard names in passage order, after checking that the shards the processes reported
+    (`{"num_texts", "shards": [[name, start, stop], ...]}` each) hold every one of `num_texts`
+    passages exactly once, in passage order, and that each file is there with [stop - start, dim]
+    rows of `dtype`. A file not (yet) visible is waited for up to `wait_seconds` (a shared
+    filesystem may show another host's file late); anything else wrong raises RuntimeError."""
+    directory = pathlib.Path(directory)
+    counts = {int(r["num_texts"]) for r in reports}
+    if counts != {num_texts}:
+        raise RuntimeError(f"processes disagree on the number of passages: {sorted(counts)} (expected {num_texts})")
+    shards = sorted(((int(lo), int(hi), str(name)) for r in reports for name, lo, hi in r["shards"]),
+                    key=lambda t: (t[0], t[1]))
+    covered = 0
+    for lo, hi, name in shards:
+        if lo > covered:
+            raise RuntimeError(f"passages {covered}..{lo - 1} are in no embeddings shard: {shards}")
+        if lo < covered:
+            raise RuntimeError(f"passages {lo}..{min(hi, covered) - 1} are in two embeddings shards: {shards}")
+        if hi <= lo and num_texts:
+            raise RuntimeError(f"embeddings shard {name} is empty: {shards}")
+        covered = hi
+    if covered != num_texts:
+        raise RuntimeError(f"embeddings shards end at passage {covered}, the store has {num_texts}")
+    if len({name for _, _, name in shards}) != len(shards):
+        raise RuntimeError(f"two processes wrote the same shard file: {shards}")
+    deadline = time.monotonic() + wait_seconds
+    for lo, hi, name in shards:
+        while not (directory / name).is_file():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embeddings shard {directory / name} (passages {lo}..{hi - 1}) is missing "
+                                   f"after {wait_seconds:.0f} s: is {directory} on a filesystem every host shares?")
+            time.sleep(0.5)
+        array = np.load(directory / name, mmap_mode="r")
+        if array.shape != (hi - lo, dim) or array.dtype != np.dtype(dtype):
+            raise RuntimeError(f"embeddings shard {directory / name} holds {array.shape} {array.dtype}, "
+                               f"expected {(hi - lo, dim)} {dtype}")
+    return [name for _, _, name in shards]
+
+
 def embed_passages(
     texts: Callable[[int], str],
     num_texts: int,
@@ -106,28 +270,50 @@ def embed_passages(
     dtype: str = "float32",
     show_progress: bool = True,
 ) -> pathlib.Path:
-    """Embeds texts(0..num_texts-1) into `embeddings-XXXXX-of-YYYYY.npy` shards + manifest (atomic)."""
+    """Embeds texts(0..num_texts-1) into `embeddings-XXXXX-of-YYYYY.npy` shards + manifest (atomic).
+
+    Under several processes every process calls this with the same texts (and an embedder on its
+    own devices, the default): each embeds its block of `shard_plan`, process 0 checks the shards
+    and writes the manifest; `output_dir` must be on a filesystem all hosts share.
+    """
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    num_shards = max(1, math.ceil(num_texts / shard_size))
-    names = []
-    with atomic.atomic_directory(output_dir) as tmp:
-        bar = tqdm(total=num_texts, desc="embed passages", disable=not show_progress, mininterval=2.0)
-        for shard in range(num_shards):
-            lo, hi = shard * shard_size, min(num_texts, (shard + 1) * shard_size)
-            vectors = np.zeros((hi - lo, embedder.dim), dtype=dtype)
-            for s in range(lo, hi, embedder.batch_size):
-                e = min(hi, s + embedder.batch_size)
-                vectors[s - lo:e - lo] = embedder.embed([texts(i) for i in range(s, e)])
-                bar.update(e - s)
-            names.append(f"embeddings-{shard:05d}-of-{num_shards:05d}.npy")
-            np.save(tmp / names[-1], vectors)
-        bar.close()
-        atomic.write_json(tmp / "manifest.json", {
-            "format": _FORMAT, "num_vectors": num_texts, "dim": embedder.dim, "dtype": dtype, "shards": names,
-            "pooling": "mean over non-pad tokens, L2-normalized", "max_length": embedder.max_length,
-            "model_config": dataclasses.asdict(embedder.config),
-        })
+    process, processes = jax.process_index(), jax.process_count()
+    plan = shard_plan(num_texts, shard_size, processes)
+    names = [_shard_name(k, len(plan)) for k in range(len(plan))]
+    mine = [k for k, (p, _, _) in enumerate(plan) if p == process]
+    with shared_atomic_directory(output_dir) as tmp:
+
+        def embed_my_block() -> dict:
+            mesh = getattr(embedder, "mesh", None)
+            if processes > 1 and mesh is not None and any(d.process_index != process for d in mesh.devices.flat):
+                raise ValueError("under several processes each embeds its own passages: build the embedder on "
+                                 "this process's devices (the default mesh, embed.local_mesh())")
+            total = sum(plan[k][2] - plan[k][1] for k in mine)
+            bar = tqdm(total=total, desc="embed passages", disable=not show_progress or process != 0,
+                       mininterval=2.0)
+            for k in mine:
+                _, lo, hi = plan[k]
+                vectors = np.zeros((hi - lo, embedder.dim), dtype=dtype)
+                for s in range(lo, hi, embedder.batch_size):
+                    e = min(hi, s + embedder.batch_size)
+                    vectors[s - lo:e - lo] = embedder.embed([texts(i) for i in range(s, e)])
+                    bar.update(e - s)
+                np.save(tmp / names[k], vectors)
+            bar.close()
+            return {"num_texts": num_texts, "shards": [[names[k], plan[k][1], plan[k][2]] for k in mine]}
+
+        report = agree("embedding passages", embed_my_block)
+        if processes > 1:
+            reports = allgather_json(report)
+            if process == 0:
+                check_shards(tmp, reports, num_texts, embedder.dim, dtype)
+        if process == 0:
+            atomic.write_json(tmp / "manifest.json", {
+                "format": _FORMAT, "num_vectors": num_texts, "dim": embedder.dim, "dtype": dtype, "shards": names,
+                "pooling": "mean over non-pad tokens, L2-normalized", "max_length": embedder.max_length,
+                "model_config": dataclasses.asdict(embedder.config),
+            })
     return pathlib.Path(output_dir)
 
 
@@ -190,7 +376,7 @@ class BertEmbedder:
             raise ValueError(f"max_length {max_length} exceeds the model's {config.max_position_embeddings} positions")
         self.config, self.max_length, self.tokenizer = config, max_length, tokenizer
         self.length_buckets = sorted({min(int(b), max_length) for b in length_buckets} | {max_length})
-        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), (data_axis,))
+        self.mesh = mesh if mesh is not None else local_mesh(data_axis)
         n_data = self.mesh.shape[data_axis]
         self.batch_size = int(math.ceil(batch_size / n_data) * n_data)
         model = bert.BertEncoder(config)

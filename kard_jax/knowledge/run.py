@@ -3,6 +3,11 @@ and `retrieve` (examples + rationales + KB -> retrieval cache). Bound in gin_con
 
 KB directory layout: manifest.json, passages/ (PassageStore), bm25/ (BM25Index), and with an
 embedder: embeddings/ (.npy shards) and dense_index/ (ScaNN or brute force).
+
+Under several processes (`jax.distributed`, `--multihost`) every process runs `build_kb` with
+the same arguments: process 0 builds the passage store and BM25, each process embeds its block
+of the passages on its own devices, process 0 builds the one dense index and moves the KB into
+place; `kb_dir` must be on a filesystem every host shares (NFS/Filestore, a gcsfuse mount).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import os
 import pathlib
 import time
 from typing import Sequence
+
+import jax
 
 from kard_jax.knowledge import atomic, bm25 as bm25_lib, embed as embed_lib, retrieval_cache, scann_index
 from kard_jax.errors import InputError
@@ -38,28 +45,44 @@ def build_kb(
     if isinstance(corpus_paths, (str, os.PathLike)):
         corpus_paths = [corpus_paths]
     start = time.time()
-    with atomic.atomic_directory(kb_dir) as tmp:
-        store = build_passage_store(corpus_paths, tmp / "passages", chunk_words=chunk_words, chunk_stride=chunk_stride,
-                                   dedup=dedup, skip_empty_text=skip_empty_text, show_progress=show_progress)
-        index = bm25_lib.BM25Index.build((store.contents(i) for i in range(len(store))), bm25_config,
-                                         show_progress=show_progress)
-        index.save(tmp / "bm25")
+    main = jax.process_index() == 0
+    with embed_lib.shared_atomic_directory(kb_dir) as tmp:
+
+        def text_indexes():  # process 0 only: the passage store and BM25
+            if not main:
+                return None, None
+            store = build_passage_store(corpus_paths, tmp / "passages", chunk_words=chunk_words,
+                                        chunk_stride=chunk_stride, dedup=dedup, skip_empty_text=skip_empty_text,
+                                        show_progress=show_progress)
+            index = bm25_lib.BM25Index.build((store.contents(i) for i in range(len(store))), bm25_config,
+                                             show_progress=show_progress)
+            index.save(tmp / "bm25")
+            return store, index
+
+        store, index = embed_lib.agree("building the passage store and BM25 index", text_indexes)
         dense_kind = None
         if embedder is not None:
+            # The other processes read the passages process 0 just wrote (shared filesystem).
+            store = embed_lib.agree("opening the passage store", lambda: store if store is not None
+                                     else PassageStore(tmp / "passages"))
             embed_lib.embed_passages(store.contents, len(store), embedder, tmp / "embeddings", dtype=embedding_dtype,
                                      show_progress=show_progress)
-            searcher = scann_index.build_dense_index(embed_lib.load_embeddings(tmp / "embeddings"), scann_config)
-            searcher.save(tmp / "dense_index")
-            dense_kind = searcher.kind
-        manifest = {
-            "format": _FORMAT,
-            "corpus_paths": [os.path.abspath(p) for p in corpus_paths],
-            "passages": store.manifest,
-            "bm25": {"config": dataclasses.asdict(bm25_config), "vocab_size": len(index.retriever.vocab_dict)},
-            "dense_index": dense_kind,
-            "build_seconds": round(time.time() - start, 2),
-        }
-        atomic.write_json(tmp / "manifest.json", manifest)
+            if main:  # one index over every process's shards
+                searcher = scann_index.build_dense_index(embed_lib.load_embeddings(tmp / "embeddings"), scann_config)
+                searcher.save(tmp / "dense_index")
+                dense_kind = searcher.kind
+        if main:
+            manifest = {
+                "format": _FORMAT,
+                "corpus_paths": [os.path.abspath(p) for p in corpus_paths],
+                "passages": store.manifest,
+                "bm25": {"config": dataclasses.asdict(bm25_config), "vocab_size": len(index.retriever.vocab_dict)},
+                "dense_index": dense_kind,
+                "build_seconds": round(time.time() - start, 2),
+            }
+            atomic.write_json(tmp / "manifest.json", manifest)
+    if not main:  # process 0 has moved the KB into place (shared_atomic_directory waited for it)
+        return atomic.read_json(pathlib.Path(kb_dir) / "manifest.json")
     m = store.manifest
     print(f"kard_jax build_kb: {m['num_passages']} passages from {m['num_documents']} documents "
           f"({m['num_duplicates_dropped']} duplicates, {m['num_empty_skipped']} empty dropped), "
