@@ -165,6 +165,14 @@ def run_demo(
     )
     student_lengths = {"inputs": input_length, "targets": target_length}
 
+    import shutil
+
+    def fresh(model_dir: pathlib.Path) -> str:
+        # The demo's models are its own outputs: a rerun (maybe with other settings) trains them
+        # anew instead of resuming from checkpoints made for another world.
+        shutil.rmtree(model_dir, ignore_errors=True)
+        return str(model_dir)
+
     def train_student(variant: str, run: StudentRun) -> None:
         stage(f"train the {variant.upper()} student ({run.train_steps} steps)")
         data = batch_iterator.SeqioBatchIterator(
@@ -172,7 +180,7 @@ def run_demo(
             feature_converter=feature_converters.student_feature_converter(), batch_size=batch_size, seed=seed,
         )
         trainer.train(
-            model_dir=str(out / f"student_{variant}"), model=model_config, train_data=data,
+            model_dir=fresh(out / f"student_{variant}"), model=model_config, train_data=data,
             train_steps=run.train_steps, optimizer=optimizers.adamw(learning_rate=run.learning_rate),
             mesh_config=mesh_config, save_period=max(1, run.train_steps), log_period=max(1, run.train_steps // 10),
             seed=seed,
@@ -196,7 +204,7 @@ def run_demo(
         )
 
     trainer.train(
-        model_dir=str(out / "reranker"), model=reranker_model, train_data=reranker_data("train"),
+        model_dir=fresh(out / "reranker"), model=reranker_model, train_data=reranker_data("train"),
         eval_data=reranker_data("validation", shuffle=False) if reranker.holdout_fraction > 0 else None,
         eval_period=max(1, reranker.train_steps // 3), eval_steps=4,
         train_steps=reranker.train_steps, optimizer=optimizers.adamw(learning_rate=reranker.learning_rate),
