@@ -24,24 +24,19 @@ import json
 import os
 import pathlib
 import shutil
-import struct
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax.core import meta
 from safetensors.numpy import save_file
 
+from kard_jax import hf_files
 from kard_jax.errors import InputError
 from kard_jax.knowledge import atomic
 from kard_jax.models import bert
 
-CONFIG_FILE = "config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-TORCH_FILE = "pytorch_model.bin"
-TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+from kard_jax.hf_files import CONFIG_FILE, SAFETENSORS_FILE  # noqa: F401 (part of this module's API)
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt")
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
@@ -75,52 +70,13 @@ _MAPPING: tuple[tuple[str, str, str, str | None], ...] = (
     ("pooler/bias", "pooler.dense.bias", "identity", "pooler"),
 )
 
-@dataclasses.dataclass(frozen=True)
-class _Hook:
-    """Converts one array between the HF layout and ours, and maps our shape to HF's."""
-
-    to_ours: Callable[[np.ndarray, Any], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-_HOOKS: dict[str, _Hook] = {
-    "identity": _Hook(lambda w, s: w, lambda x: x, lambda s: s),
-    "linear": _Hook(lambda w, s: w.T, lambda x: x.T, lambda s: s[::-1]),
-    # ours [hidden, heads, head_dim] <-> HF [heads*head_dim, hidden]
-    "qkv": _Hook(lambda w, s: w.T.reshape(s), lambda x: x.reshape(x.shape[0], -1).T, lambda s: (s[1] * s[2], s[0])),
+_HOOKS: dict[str, hf_files.Hook] = {
+    **hf_files.HOOKS,
     # ours [heads, head_dim] <-> HF [heads*head_dim]
-    "qkv_bias": _Hook(lambda w, s: w.reshape(s), lambda x: x.reshape(-1), lambda s: (s[0] * s[1],)),
-    # ours [heads, head_dim, hidden] <-> HF [hidden, heads*head_dim]
-    "attn_out": _Hook(lambda w, s: w.T.reshape(s), lambda x: x.reshape(-1, x.shape[-1]).T, lambda s: (s[2], s[0] * s[1])),
+    "qkv_bias": hf_files.Hook(lambda w, s: w.reshape(s), lambda x: x.reshape(-1), lambda s: (s[0] * s[1],)),
 }
-_SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                       "BF16": np.dtype(ml_dtypes.bfloat16)}
+_flatten, _unflatten, _json_bytes = hf_files.flatten, hf_files.unflatten, hf_files.json_bytes
 
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 # Buffers / bookkeeping entries some checkpoints carry; never parameters.
 _IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -257,65 +213,6 @@ def read_hf_config(hf_dir: str | os.PathLike, **overrides: Any) -> bert.BertConf
 # ---------------------------------------------------------------------------------------------
 # Weights.
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """Float tensors of a .safetensors file as float32 (bfloat16 included); integer buffers
-    (e.g. `embeddings.position_ids`) are skipped."""
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > os.path.getsize(path) - 8:
-                raise ValueError(f"header length {header_len} exceeds the file")
-            header = json.loads(f.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    except (OSError, ValueError, struct.error) as e:
-        raise InputError(f"not a readable safetensors file ({e})", path=path) from e
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            if str(info["dtype"]).startswith(("I", "U", "BOOL")):
-                continue
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end > data.size or end - start != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(f"data offsets {start}..{end} do not fit shape {shape}")
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"bad tensor entry {info!r} ({e})", path=path, field=key) from e
-        tensors[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).astype(np.float32)
-    return tensors
-
-
-def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        import torch  # only for legacy .bin checkpoints
-    except ImportError as e:
-        raise InputError("reading a PyTorch checkpoint needs torch installed; convert it to model.safetensors",
-                         path=path) from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise InputError(f"not a readable PyTorch checkpoint ({e})", path=path) from e
-    return {k: v.float().numpy() for k, v in state.items() if v.is_floating_point()}
-
-
-def _read_index(index_path: pathlib.Path) -> list[pathlib.Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg})", path=index_path, line=e.lineno) from e
-    except (KeyError, TypeError, AttributeError) as e:
-        raise InputError("expected an object with a 'weight_map' object", path=index_path, field="weight_map") from e
-    for name in files:
-        if not (index_path.parent / name).is_file():
-            raise InputError(f"shard {name!r} listed in the index does not exist", path=index_path, field=name)
-    return [index_path.parent / name for name in files]
-
-
 def _normalise_key(key: str) -> str:
     if key.endswith("LayerNorm.gamma"):
         return key[: -len("gamma")] + "weight"
@@ -325,26 +222,7 @@ def _normalise_key(key: str) -> str:
 
 
 def _read_weights(hf_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, pathlib.Path]]:
-    if (hf_dir / SAFETENSORS_FILE).is_file():
-        files, reader = [hf_dir / SAFETENSORS_FILE], _read_safetensors
-    elif (hf_dir / SAFETENSORS_INDEX_FILE).is_file():
-        files, reader = _read_index(hf_dir / SAFETENSORS_INDEX_FILE), _read_safetensors
-    elif (hf_dir / TORCH_FILE).is_file():
-        files, reader = [hf_dir / TORCH_FILE], _read_torch
-    elif (hf_dir / TORCH_INDEX_FILE).is_file():
-        files, reader = _read_index(hf_dir / TORCH_INDEX_FILE), _read_torch
-    else:
-        raise InputError(f"no weights found (expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE}, {TORCH_FILE} or "
-                         f"{TORCH_INDEX_FILE})", path=hf_dir)
-    weights: dict[str, np.ndarray] = {}
-    sources: dict[str, pathlib.Path] = {}
-    for file in files:
-        for key, value in reader(file).items():
-            key = _normalise_key(key)
-            if key in weights:
-                raise InputError("key appears in more than one shard", path=file, field=key)
-            weights[key], sources[key] = value, file
-    return weights, sources
+    return hf_files.read_weights(hf_dir, _normalise_key)
 
 
 def _find_prefix(weights: Mapping[str, np.ndarray], hf_dir: pathlib.Path) -> str:

@@ -23,25 +23,23 @@ import json
 import os
 import pathlib
 import shutil
-import struct
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax.core import meta
 from safetensors.numpy import save_file
 
+from kard_jax import hf_files
 from kard_jax.errors import InputError
 from kard_jax.knowledge import atomic
 from kard_jax.models import t5
 
-CONFIG_FILE = "config.json"
+from kard_jax.hf_files import CONFIG_FILE, SAFETENSORS_FILE  # noqa: F401 (part of this module's API)
+
 GENERATION_CONFIG_FILE = "generation_config.json"
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
-TORCH_FILE = "pytorch_model.bin"
-TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+_flatten, _unflatten, _json_bytes, _read_weights = (hf_files.flatten, hf_files.unflatten, hf_files.json_bytes,
+                                                    hf_files.read_weights)
 SPIECE_FILE = "spiece.model"
 TOKENIZER_FILES = (
     "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -100,24 +98,7 @@ _SHARED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _IGNORED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Hook:
-    """Converts one array between the HF layout and ours, and maps our shape to HF's."""
-
-    to_ours: Callable[[np.ndarray, Any], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-
-
-_HOOKS: dict[str, _Hook] = {
-    "identity": _Hook(lambda w, s: w, lambda x: x, lambda s: s),
-    "transpose": _Hook(lambda w, s: w.T, lambda x: x.T, lambda s: s[::-1]),
-    "linear": _Hook(lambda w, s: w.T, lambda x: x.T, lambda s: s[::-1]),
-    # ours [d_model, heads, d_kv] <-> HF [heads*d_kv, d_model]
-    "qkv": _Hook(lambda w, s: w.T.reshape(s), lambda x: x.reshape(x.shape[0], -1).T, lambda s: (s[1] * s[2], s[0])),
-    # ours [heads, d_kv, d_model] <-> HF [d_model, heads*d_kv]
-    "attn_out": _Hook(lambda w, s: w.T.reshape(s), lambda x: x.reshape(-1, x.shape[-1]).T, lambda s: (s[2], s[0] * s[1])),
-}
+_HOOKS: dict[str, hf_files.Hook] = {**hf_files.HOOKS, "transpose": hf_files.HOOKS["linear"]}
 
 
 def _mapping_rows(cfg: t5.T5Config) -> Iterator[tuple[str, str, str]]:
@@ -159,28 +140,6 @@ def _unscanned(cfg: t5.T5Config) -> t5.T5Config:
 def expected_param_shapes(cfg: t5.T5Config) -> dict[str, tuple[int, ...]]:
     """Our parameter paths ('a/b/c') and shapes, from the model itself (abstract init)."""
     return {path: tuple(x.shape) for path, x in _flatten(abstract_params(cfg)).items()}
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,97 +263,6 @@ def _generation_config(cfg: t5.T5Config) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Reading weights.
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-}
-
-
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as float32 (bfloat16 included, which
-    `safetensors.numpy` cannot represent)."""
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > os.path.getsize(path) - 8:
-                raise ValueError(f"header length {header_len} exceeds the file")
-            header = json.loads(f.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-    except (OSError, ValueError, struct.error) as e:
-        raise InputError(f"not a readable safetensors file ({e})", path=path) from e
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end > data.size or end - start != int(np.prod(shape)) * dtype.itemsize:
-                raise ValueError(f"data offsets {start}..{end} do not fit shape {shape}")
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"bad tensor entry {info!r} ({e})", path=path, field=key) from e
-        tensors[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).astype(np.float32)
-    return tensors
-
-
-def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        import torch  # only for legacy .bin checkpoints
-    except ImportError as e:
-        raise InputError(
-            "reading a PyTorch checkpoint needs torch installed; convert it to model.safetensors instead", path=path
-        ) from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise InputError(f"not a readable PyTorch checkpoint ({e})", path=path) from e
-    return {k: v.float().numpy() for k, v in state.items()}
-
-
-def _read_index(index_path: pathlib.Path) -> list[pathlib.Path]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON ({e.msg})", path=index_path, line=e.lineno) from e
-    except (KeyError, TypeError, AttributeError) as e:
-        raise InputError("expected an object with a 'weight_map' object", path=index_path, field="weight_map") from e
-    for name in files:
-        if not (index_path.parent / name).is_file():
-            raise InputError(f"shard {name!r} listed in the index does not exist", path=index_path, field=name)
-    return [index_path.parent / name for name in files]
-
-
-def _read_weights(hf_dir: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, pathlib.Path]]:
-    """(HF key -> float32 array, HF key -> file it came from)."""
-    if (hf_dir / SAFETENSORS_FILE).is_file():
-        files, reader = [hf_dir / SAFETENSORS_FILE], _read_safetensors
-    elif (hf_dir / SAFETENSORS_INDEX_FILE).is_file():
-        files, reader = _read_index(hf_dir / SAFETENSORS_INDEX_FILE), _read_safetensors
-    elif (hf_dir / TORCH_FILE).is_file():
-        files, reader = [hf_dir / TORCH_FILE], _read_torch
-    elif (hf_dir / TORCH_INDEX_FILE).is_file():
-        files, reader = _read_index(hf_dir / TORCH_INDEX_FILE), _read_torch
-    else:
-        raise InputError(
-            f"no weights found (expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX_FILE}, {TORCH_FILE} or "
-            f"{TORCH_INDEX_FILE})", path=hf_dir,
-        )
-    weights: dict[str, np.ndarray] = {}
-    sources: dict[str, pathlib.Path] = {}
-    for file in files:
-        for key, value in reader(file).items():
-            if key in weights:
-                raise InputError("key appears in more than one shard", path=file, field=key)
-            weights[key], sources[key] = value, file
-    return weights, sources
-
 
 def read_hf_config(hf_dir: str | os.PathLike, **overrides: Any) -> t5.T5Config:
     """The `t5.T5Config` of a transformers T5 directory (its config.json)."""
@@ -550,10 +418,6 @@ def _tokenizer_files(cfg: t5.T5Config, spiece_model: pathlib.Path | None, tokeni
         "tokenizer_config.json": _json_bytes(tokenizer_config),
         "special_tokens_map.json": _json_bytes(special),
     }
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def export_hf(
