@@ -122,19 +122,7 @@ def config_from_hf(config_json: Mapping[str, Any], *, path: Any = CONFIG_FILE, *
         if name not in config_json:
             raise InputError("missing required field", path=path, field=name)
 
-    def integer(name: str, default: Any = None) -> int:
-        value = config_json.get(name, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"expected an integer, got {value!r}", path=path, field=name)
-        return value
-
-    def number(name: str, default: float) -> float:
-        value = config_json.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"expected a number, got {value!r}", path=path, field=name)
-        return float(value)
+    integer, number = hf_files.config_readers(config_json, path)
 
     hidden_act = config_json.get("hidden_act", "gelu")
     if hidden_act not in bert.ACTIVATIONS:

@@ -81,6 +81,30 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def config_readers(config_json: Mapping[str, Any], path: Any) -> tuple[Callable[..., int], Callable[..., float]]:
+    """`integer(name, default)` and `number(name, default)` for one config.json: a missing or null
+    field gives the default, a wrong type an InputError naming the file and field; a list of ids
+    (e.g. `eos_token_id: [1]`) reads as its first element."""
+
+    def integer(name: str, default: Any = None) -> int:
+        value = config_json.get(name, default)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if value is None:
+            value = default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"expected an integer, got {value!r}", path=path, field=name)
+        return value
+
+    def number(name: str, default: float) -> float:
+        value = config_json.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"expected a number, got {value!r}", path=path, field=name)
+        return float(value)
+
+    return integer, number
+
+
 def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
