@@ -326,6 +326,9 @@ class HFTokenizer:
                              path=path)
         self.path = path
         self._tok = AutoTokenizer.from_pretrained(str(path))
+        # Inputs are cut to the model's lengths by the caller; whole texts are tokenized on purpose (to
+        # count or trim), which transformers would warn about once per long passage.
+        self._tok.model_max_length = 1 << 30
         self.pad_id = int(self._tok.pad_token_id)
         self.vocab_size = len(self._tok)
 

@@ -64,6 +64,9 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
 
         self.path = pathlib.Path(path)
         self._tok = AutoTokenizer.from_pretrained(str(self.path))
+        # Inputs are cut to the model's lengths by the caller; whole texts are tokenized on purpose (to
+        # count or trim), which transformers would warn about once per long passage.
+        self._tok.model_max_length = 1 << 30
         if self._tok.pad_token_id != PAD_ID or self._tok.cls_token_id is None or self._tok.sep_token_id is None:
             raise InputError(f"a reranker vocabulary needs [PAD]=0, [CLS] and [SEP] (got pad id "
                              f"{self._tok.pad_token_id}); RoBERTa-style tokenizers are not supported here",
