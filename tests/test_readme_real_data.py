@@ -1,6 +1,7 @@
 """The README's real-data block, run as written (bash) from a working directory that holds
 `runs/` and `models/` folders: a subset of ../shared/data/strategyqa, a tiny model and a local
-OpenAI-compatible teacher for the silver row, through every evaluation row and the results table."""
+OpenAI-compatible teacher for the silver row, through every evaluation row (none, BM25, MiniLM
+dense, reranked, silver) and the results table."""
 import gzip
 import http.server
 import json
@@ -14,7 +15,7 @@ import pytest
 
 from tests.test_gin_configs import ROOT
 
-TRAIN, TEST, PASSAGES = 60, 12, 3000
+TRAIN, TEST, PASSAGES = 60, 12, 1200
 TINY = """
 from __gin__ import dynamic_registration
 from kard_jax.models import t5
@@ -99,12 +100,12 @@ def test_readme_real_data_block_runs_as_written(shared_data, tmp_path):
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     out = work / "runs" / "strategyqa"
     table = (out / "results.md").read_text()
-    for row in ("FT", "RD", "KARD, BM25 by question", "KARD, reranked", "KARD, silver"):
+    for row in ("FT", "RD", "KARD, BM25 by question", "KARD, dense by question", "KARD, reranked", "KARD, silver"):
         assert f"| {row}" in table
     assert (out / "results.png").stat().st_size > 1000
-    for row in ("ft", "rd", "kard_bm25", "kard_reranker", "silver"):
+    for row in ("ft", "rd", "kard_bm25", "kard_dense", "kard_reranker", "silver"):
         metrics = json.loads((out / f"eval_{row}" / "metrics.json").read_text())
         assert metrics["method"] == row and metrics["num_examples"] == TEST
     rankings = json.loads((out / "eval_reranker" / "metrics.json").read_text())["rankings"]
-    assert set(rankings) >= {"bm25", "reranked", "untrained reranker", "random order"}
+    assert set(rankings) >= {"bm25", "dense", "reranked", "untrained reranker", "random order"}
     assert not re.search(r"^E\d{4}|Traceback", proc.stderr, re.M), proc.stderr[-3000:]
