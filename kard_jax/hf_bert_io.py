@@ -146,15 +146,7 @@ def config_from_hf(config_json: Mapping[str, Any], *, path: Any = CONFIG_FILE, *
         position_ids_from_padding=roberta,
         model_type="roberta" if roberta else "bert",
     )
-    known = {f.name for f in dataclasses.fields(bert.BertConfig)}
-    for name in overrides:
-        if name not in known:
-            raise InputError(f"unknown BertConfig field {name!r} in overrides", path=path, field=name)
-    fields.update(overrides)
-    try:
-        return bert.BertConfig(**fields)
-    except ValueError as e:
-        raise InputError(str(e), path=path) from e
+    return hf_files.make_config(bert.BertConfig, fields, overrides, path)
 
 
 def config_to_hf(cfg: bert.BertConfig) -> dict[str, Any]:

@@ -105,6 +105,19 @@ def config_readers(config_json: Mapping[str, Any], path: Any) -> tuple[Callable[
     return integer, number
 
 
+def make_config(config_class: type, fields: dict[str, Any], overrides: Mapping[str, Any], path: Any) -> Any:
+    """`config_class(**fields, **overrides)`; an unknown override or an invalid value is an
+    InputError naming the config file."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for name in overrides:
+        if name not in known:
+            raise InputError(f"unknown {config_class.__name__} field {name!r} in overrides", path=path, field=name)
+    try:
+        return config_class(**{**fields, **overrides})
+    except ValueError as e:
+        raise InputError(str(e), path=path) from e
+
+
 def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 

@@ -198,15 +198,7 @@ def config_from_hf(config_json: Mapping[str, Any], *, path: Any = CONFIG_FILE, *
         eos_token_id=integer("eos_token_id", 1),
         decoder_start_token_id=integer("decoder_start_token_id", pad_token_id),
     )
-    known = {f.name for f in dataclasses.fields(t5.T5Config)}
-    for name in overrides:
-        if name not in known:
-            raise InputError(f"unknown T5Config field {name!r} in overrides", path=path, field=name)
-    fields.update(overrides)
-    try:
-        return t5.T5Config(**fields)
-    except ValueError as e:
-        raise InputError(str(e), path=path) from e
+    return hf_files.make_config(t5.T5Config, fields, overrides, path)
 
 
 def config_to_hf(cfg: t5.T5Config) -> dict[str, Any]:

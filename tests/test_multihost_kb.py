@@ -115,24 +115,13 @@ def _run_two_processes(d: pathlib.Path, kb: str, fail_process: int = -1, while_r
                                f"--process_id={pid}", f"--dir={d}", f"--kb={kb}", f"--fail_process={fail_process}"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in range(2)]
-    results = []
-    try:
-        if while_running is not None:
-            while_running()
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            results.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for pid, (code, out, err) in enumerate(results):
-        assert code == 0 and f"WORKER {pid} DONE" in out, f"process {pid} exited {code}:\n{err[-4000:]}"
+    wait_for_workers(procs, while_running)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 import pytest  # noqa: E402
+
+from tests.workers import wait_for_workers  # noqa: E402
 
 
 def test_shard_plan_blocks_per_process():

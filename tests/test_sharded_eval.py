@@ -101,6 +101,8 @@ def _setup(d: pathlib.Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 import pytest  # noqa: E402
 
+from tests.workers import wait_for_workers  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -253,19 +255,8 @@ def test_two_processes_evaluate_disjoint_shares_like_one_process(tmp_path):
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in range(2)]
     # The one-process reference meanwhile (8 devices, the same mesh shape).
-    _infer(tmp_path / "single", setup, pipeline.DecodeConfig(**SAMPLED), partitioning.MeshConfig(data=2, model=4))
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            results.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for pid, (code, out, err) in enumerate(results):
-        assert code == 0 and f"WORKER {pid} DONE" in out, f"process {pid} exited {code}:\n{err[-4000:]}"
+    wait_for_workers(procs, lambda: _infer(tmp_path / "single", setup, pipeline.DecodeConfig(**SAMPLED),
+                                           partitioning.MeshConfig(data=2, model=4)))
 
     ids = [f"q{i}" for i in range(NUM_EXAMPLES)]
     seen = [json.loads((tmp_path / f"seen_{pid}.json").read_text()) for pid in range(2)]
