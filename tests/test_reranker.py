@@ -12,7 +12,7 @@ from flax.core import meta
 from kard_jax.data import prompts
 from kard_jax.data.query import question_query
 from kard_jax.data.example import Example
-from kard_jax.inference import rerank
+from kard_jax.inference import passages as passages_lib, rerank
 from kard_jax.knowledge import run as knowledge_run
 from kard_jax.models import reranker, t5
 from kard_jax.tokenizer import Tokenizer
@@ -235,3 +235,57 @@ def test_reranked_passages_are_bm25_candidates_in_model_score_order(tiny_kb):
     with pytest.raises(ValueError, match="n_docs"):
         rerank.reranked_passages(kb_dir, model=model, params=params, tokenizer=tok, n_candidates=2, n_docs=3,
                                  query_length=lq, candidate_length=lc, batch_size=2)
+
+
+def test_lexical_features_are_z_scores_over_the_question_list():
+    scores = [9.0, 5.0, 1.0, 0.0, 30.0]  # the last two: rationale extras outside the question's top 3
+    mean, std = 5.0, np.sqrt(((9 - 5) ** 2 + 0 + (1 - 5) ** 2) / 3)
+    np.testing.assert_allclose(reranker.lexical_features(scores, 3), [(s - mean) / std for s in scores], rtol=1e-6)
+    np.testing.assert_allclose(reranker.lexical_features(scores[:3]), [4 / std, 0.0, -4 / std], rtol=1e-6)
+    assert reranker.lexical_features([2.0, 2.0]).tolist() == [0.0, 0.0]  # nothing to tell apart
+    assert reranker.lexical_features([]).shape == (0,)
+
+
+def test_hybrid_score_is_encoder_score_plus_trained_weight_times_feature(small_batch):
+    hybrid = reranker.RerankerModel(CFG, proj_dim=PROJ, tau2=0.5, lexical_weight=2.0)
+    params = _init(hybrid)
+    assert float(params["lexical_weight"]) == 1.0  # tau2 * lexical_weight: score units
+    plain = reranker.RerankerModel(CFG, proj_dim=PROJ, tau2=0.5)
+    plain_params = {k: v for k, v in params.items() if k != "lexical_weight"}
+    lexical = np.array([[1.5, -0.5, 0.0, -1.0], [0.3, 2.0, -2.3, 0.0]], np.float32)
+    batch = {**small_batch, "lexical_scores": lexical}
+    params = {**params, "lexical_weight": jnp.asarray(0.75, jnp.float32)}
+    got = np.asarray(reranker.score_candidates(hybrid, params, batch["query_tokens"], batch["candidate_tokens"], lexical))
+    neural = np.asarray(reranker.score_candidates(plain, plain_params, batch["query_tokens"], batch["candidate_tokens"]))
+    np.testing.assert_allclose(got, neural + 0.75 * lexical, rtol=1e-5, atol=1e-6)
+    # The weight is trained: the KL gradient reaches it.
+    grads = jax.grad(lambda p: hybrid.loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)[0])(params)
+    assert abs(float(grads["lexical_weight"])) > 1e-6
+    with pytest.raises(ValueError, match="lexical_scores"):
+        reranker.score_candidates(hybrid, params, batch["query_tokens"], batch["candidate_tokens"])
+    assert reranker.uses_lexical_scores(hybrid) and not reranker.uses_lexical_scores(plain)
+
+
+def test_hybrid_reranker_dominated_by_its_lexical_weight_ranks_like_bm25(tiny_kb):
+    """Inference feeds the hybrid reranker each candidate's BM25 against the question query: with
+    the lexical weight far above the encoder's score range, the reranked order is BM25's."""
+    kb_dir, tok = tiny_kb
+    model = reranker.RerankerModel(CFG, proj_dim=PROJ, lexical_weight=1.0)
+    params = {**_init(model, seed=2), "lexical_weight": jnp.asarray(1e4, jnp.float32)}
+    examples = [Example(f"q{i}", q, ("yes", "no"), 0) for i, q in
+                enumerate(["where does the camel find water", "penguin eats fish in the ocean", "frog in rain forest"])]
+    kb = passages_lib.KnowledgeBase(kb_dir)
+    candidates = passages_lib.bm25_ranker(kb, 8, "question")
+    ranked = rerank.reranked_ranker(kb, candidates, model=model, params=params, tokenizer=tok, query_length=16,
+                                    candidate_length=24, batch_size=2)(examples)
+    for e, row, bm25_row in zip(examples, ranked, candidates(examples)):
+        assert sorted(row) == sorted(bm25_row)
+        scores = kb.bm25.score_candidates(question_query(e), row)
+        assert np.all(np.diff(scores) <= 1e-5), scores  # non-increasing BM25 along the reranked list
+    # And with the weight at 0 the encoder alone decides (same as a plain reranker's order).
+    zero = {**params, "lexical_weight": jnp.asarray(0.0, jnp.float32)}
+    plain = reranker.RerankerModel(CFG, proj_dim=PROJ)
+    plain_params = {k: v for k, v in params.items() if k != "lexical_weight"}
+    kwargs = dict(tokenizer=tok, query_length=16, candidate_length=24, batch_size=2)
+    assert (rerank.reranked_ranker(kb, candidates, model=model, params=zero, **kwargs)(examples)
+            == rerank.reranked_ranker(kb, candidates, model=plain, params=plain_params, **kwargs)(examples))

@@ -229,6 +229,12 @@ def test_reranker_task_and_feature_converter(fixture):
     # Ordered by descending label, so truncation to n candidates keeps the rationale-relevant ones.
     assert [_text(c) for c in e["candidate_ids"]] == ["p_glass", "p_iron", "p_rock"]
     np.testing.assert_allclose(e["labels"], [3.0, 2.9, 0.0])
+    # The hybrid reranker's feature: the cache's BM25 question scores (p_rock, p_iron, p_glass)
+    # z-scored over the question's list (no question_top_k in this manifest: all of it), reordered
+    # with the candidates.
+    q = np.array([1.2, 1.1, 0.3])
+    z = (q - q.mean()) / q.std()
+    np.testing.assert_allclose(e["lexical_scores"], [z[2], z[1], z[0]], rtol=1e-5)
     # The query is the retrieval cache's question query (no query_form recorded: the bare question).
     assert _text(e["query_pretokenized"]) == "Which is a metal?"
     ds = seqio.get_dataset("kard_obqa_reranker", {"query": 64, "candidates": 6, "labels": 4},
@@ -243,6 +249,7 @@ def test_reranker_task_and_feature_converter(fixture):
     assert batch["candidate_tokens"][3].tolist() == [0] * 6
     assert batch["candidate_mask"].tolist() == [1, 1, 1, 0]
     np.testing.assert_allclose(batch["labels"], [3.0, 2.9, 0.0, 0.0])
+    np.testing.assert_allclose(batch["lexical_scores"], [z[2], z[1], z[0], 0.0], rtol=1e-5)
     assert batch["query_tokens"].tolist() == (vocab.encode("Which is a metal?") + [1] + [0] * 64)[:64]
 
 

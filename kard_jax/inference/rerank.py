@@ -52,7 +52,8 @@ def reranked_ranker(
     batch_size: int = 8,
 ) -> Ranker:
     """A Ranker: the `candidates` ranker's list for each question (BM25 or dense by the question
-    query), reordered by the reranker's scores (ties keep the candidate order).
+    query), reordered by the reranker's scores (ties keep the candidate order). A hybrid reranker
+    (`lexical_weight`) also gets each candidate's BM25 score against the question query.
 
     Every call scores `batch_size` questions at a time with fixed shapes ([batch_size,
     query_length], [batch_size, n, candidate_length]), so the scorer compiles once per list length.
@@ -61,13 +62,22 @@ def reranked_ranker(
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
 
-    def score_chunk(queries: list[str], texts: list[list[str]]) -> np.ndarray:
+    lexical = reranker_lib.uses_lexical_scores(model)
+
+    def score_chunk(queries: list[str], rows: list[list[int]]) -> np.ndarray:
+        texts = [kb.texts(row) for row in rows]
         pad = batch_size - len(queries)
         width = max(len(row) for row in texts)
         query_tokens = tokenizer.batch_encode(queries + [""] * pad, query_length)
         flat = [t for row in texts for t in row + [""] * (width - len(row))] + [""] * (pad * width)
         cand_tokens = tokenizer.batch_encode(flat, candidate_length).reshape(batch_size, width, candidate_length)
-        scores = np.array(reranker_lib.score_candidates(model, params, query_tokens, cand_tokens))[: len(queries)]
+        lexical_scores = None
+        if lexical:  # the hybrid reranker's feature: BM25 against the question query, z over the list
+            lexical_scores = np.zeros((batch_size, width), np.float32)
+            for i, (query, row) in enumerate(zip(queries, rows)):
+                lexical_scores[i, :len(row)] = reranker_lib.lexical_features(kb.bm25.score_candidates(query, row))
+        scores = np.array(reranker_lib.score_candidates(model, params, query_tokens, cand_tokens,
+                                                        lexical_scores))[: len(queries)]
         for i, row in enumerate(texts):  # padded slots last
             scores[i, len(row):] = -np.inf
         return scores
@@ -81,7 +91,7 @@ def reranked_ranker(
             if not any(rows):
                 out.extend([] for _ in rows)
                 continue
-            scores = score_chunk(queries, [kb.texts(row) for row in rows])
+            scores = score_chunk(queries, rows)
             for row, order in zip(rows, rerank_order(scores)):
                 out.append([row[i] for i in order[: len(row)]])
         return out

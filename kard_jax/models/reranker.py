@@ -23,14 +23,26 @@ one-hot (median top weight 0.997 on StrategyQA) and the loss only teaches the ar
 candidates before dividing by tau1: since softmax ignores the mean shift, this is exactly Eq. 3
 with a per-question temperature tau1 * std_q(BM25), i.e. tau1 is then measured in standard
 deviations of that question's scores and means the same for every question and corpus;
-"none" is Eq. 3 on the raw scores. The temperatures are fixed positive constants (the KARD
+"none" is Eq. 3 on the raw scores.
+
+Lexical feature (`lexical_weight`, off by default): a hybrid reranker adds to its neural score
+`w * z(BM25(q, p))`, z(BM25(q, p)) being the candidate's BM25 score against the question query
+z-scored over the question's retrieved candidate list (`lexical_features`; batch key
+`lexical_scores`, built in the data pipeline at training and by `inference.rerank` at test time
+over the same kind of list, so a candidate's feature does not depend on which candidates a
+training record kept) and `w` a trained
+scalar (parameter `lexical_weight`) initialised to `tau2 * lexical_weight`: the setting is in
+logits per standard deviation, so 1.0 starts a reranker whose scores spread about one logit per
+standard deviation as an even blend of BM25 and its encoder. Ranking BM25 candidates, the first-stage
+score is evidence that a small encoder fine-tuned on a few thousand questions does not recover on
+its own (StrategyQA figures: docs/RERANKER.md); the model learns how much of it to keep. The temperatures are fixed positive constants (the KARD
 release anneals them below zero), and the whole encoder is trained (the release silently freezes
 its document encoder) unless it is wrapped with LoRA (`kard_jax.models.lora`).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +75,7 @@ class Reranker(nn.Module):
     config: BackboneConfig
     proj_dim: int = 128  # 0: no projection (vectors are the encoder's hidden states)
     head: str = "late_interaction"
+    lexical_weight: float | None = None  # None: no lexical feature; else its initial weight (score units)
 
     def setup(self):
         c = self.config
@@ -73,6 +86,9 @@ class Reranker(nn.Module):
             self.encoder = bert.BertEncoder(c)
         else:
             raise TypeError(f"reranker backbone config must be t5.T5Config or bert.BertConfig, got {type(c).__name__}")
+        if self.lexical_weight is not None:
+            self.lexical_weight_param = self.param("lexical_weight", nn.with_logical_partitioning(
+                nn.initializers.constant(self.lexical_weight), ()), (), jnp.float32)
         if self.proj_dim:
             self.projection = t5.DenseGeneral(
                 features=(self.proj_dim,), kernel_axes=("embed", "kv"), stddev=c.d_model**-0.5,
@@ -107,7 +123,18 @@ class Reranker(nn.Module):
         (zero for a sequence without real tokens)."""
         return bert.mean_pool(self.hidden(tokens, enable_dropout), tokens, self.pad_id)
 
-    def __call__(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False) -> Array:
+    def __call__(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False,
+                 lexical_scores: Array | None = None) -> Array:
+        scores = self.neural_scores(query_tokens, candidate_tokens, enable_dropout)
+        if self.lexical_weight is None:
+            return scores
+        if lexical_scores is None:
+            raise ValueError("this reranker has a lexical feature (lexical_weight is set): pass lexical_scores, "
+                             "the candidates' lexical_features")
+        return scores + self.lexical_weight_param * lexical_scores.astype(jnp.float32)
+
+    def neural_scores(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False) -> Array:
+        """[b, n] scores of the encoder alone (late interaction or dual encoder)."""
         if self.head == "dual_encoder":
             q = self.embed(query_tokens, enable_dropout)  # [b, p]
             d = self.embed(candidate_tokens, enable_dropout)  # [b, n, p]
@@ -168,6 +195,21 @@ class RankingStats:
         self.ndcg = losses.safe_divide(dcg, ideal)
 
 
+def lexical_features(bm25_scores: Sequence[float], reference_count: int | None = None) -> np.ndarray:
+    """The hybrid reranker's lexical feature of a question's candidates: their BM25 scores against
+    the question query, z-scored with the mean and (population) standard deviation of the first
+    `reference_count` (None: all), the question's own retrieved list; all zeros if those are equal.
+    """
+    scores = np.asarray(bm25_scores, np.float64)
+    reference = scores[:reference_count] if reference_count is not None else scores
+    if not len(reference):
+        return np.zeros(len(scores), np.float32)
+    std = reference.std()
+    if std <= 1e-6:
+        return np.zeros(len(scores), np.float32)
+    return ((scores - reference.mean()) / std).astype(np.float32)
+
+
 def normalize_labels(labels: Array, mask: Array, method: str) -> Array:
     """Labels as the target distribution sees them (before /tau1); padded slots are left as is.
 
@@ -212,19 +254,23 @@ class RerankerModel(BaseModel):
     """The reranker under the BaseModel contract (trained by the same `trainer.train` as the student).
 
     Batch keys (`RerankerFeatureConverter`): `query_tokens` [b, Lq], `candidate_tokens`
-    [b, n, Lc], `labels` [b, n] (BM25 score of each candidate vs the rationale) and
-    `candidate_mask` [b, n] (1 = real candidate). The loss is the mean over examples with at
+    [b, n, Lc], `labels` [b, n] (BM25 score of each candidate vs the rationale),
+    `candidate_mask` [b, n] (1 = real candidate) and `lexical_scores` [b, n] (`lexical_features`
+    of the candidates; read only with `lexical_weight`). The loss is the mean over examples with at
     least one real candidate of KL(softmax(norm(labels) / tau1) || softmax(scores / tau2)), norm
     being `label_normalization` ("standardize": per-question z-score; "none": raw labels).
 
     `config` is the backbone's (`t5.T5Config` or `bert.BertConfig`); `head` is
-    "late_interaction" or "dual_encoder"; `proj_dim` 0 uses the encoder's hidden states as is.
+    "late_interaction" or "dual_encoder"; `proj_dim` 0 uses the encoder's hidden states as is;
+    `lexical_weight` None is the paper's reranker, a number adds the trained lexical feature
+    (see the module docstring) starting at that weight.
     """
 
     INPUT_FEATURES = {"query_tokens": jnp.int32, "candidate_tokens": jnp.int32}
 
     def __init__(self, config: BackboneConfig, *, proj_dim: int = 128, tau1: float = 1.0, tau2: float = 1.0,
-                 head: str = "late_interaction", label_normalization: str = "standardize"):
+                 head: str = "late_interaction", label_normalization: str = "standardize",
+                 lexical_weight: float | None = None):
         for name, tau in (("tau1", tau1), ("tau2", tau2)):
             if not tau > 0:
                 raise ValueError(f"RerankerModel.{name} must be a positive temperature, got {tau}")
@@ -237,7 +283,15 @@ class RerankerModel(BaseModel):
                              f"got {label_normalization!r}")
         if not isinstance(config, (t5.T5Config, bert.BertConfig)):
             raise TypeError(f"RerankerModel.config must be a t5.T5Config or bert.BertConfig, got {type(config).__name__}")
-        super().__init__(Reranker(config, proj_dim, head))
+        if lexical_weight is not None and not np.isfinite(lexical_weight):
+            raise ValueError(f"RerankerModel.lexical_weight must be a finite number or None, got {lexical_weight}")
+        lexical_weight = None if lexical_weight is None else float(lexical_weight)
+        # The parameter is in score units (scores / tau2 are the logits), so a restored reranker
+        # scores the same whatever tau2 the inference gin gives; only its initial value uses tau2.
+        super().__init__(Reranker(config, proj_dim, head, None if lexical_weight is None else lexical_weight * tau2))
+        self._lexical_weight = lexical_weight
+        if lexical_weight is not None:
+            self.INPUT_FEATURES = {**self.INPUT_FEATURES, "lexical_scores": jnp.float32}
         self.tau1 = float(tau1)
         self.tau2 = float(tau2)
         self.label_normalization = label_normalization
@@ -246,10 +300,16 @@ class RerankerModel(BaseModel):
     def config(self) -> BackboneConfig:
         return self.module.config
 
+    @property
+    def lexical_weight(self) -> float | None:
+        """The lexical feature's initial weight in logits per standard deviation (None: no feature)."""
+        return self._lexical_weight
+
     def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]) -> PyTree:
         query = jnp.ones(input_shapes["query_tokens"], jnp.int32)
         cands = jnp.ones(input_shapes["candidate_tokens"], jnp.int32)
-        return self.module.init(rng, query, cands, enable_dropout=False)
+        lexical = jnp.zeros(cands.shape[:2], jnp.float32) if self.lexical_weight is not None else None
+        return self.module.init(rng, query, cands, enable_dropout=False, lexical_scores=lexical)
 
     def batch_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Query plus candidate token positions (padding included)."""
@@ -259,7 +319,7 @@ class RerankerModel(BaseModel):
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return self.module.apply(
             {"params": params}, batch["query_tokens"], batch["candidate_tokens"],
-            enable_dropout=dropout_rng is not None, rngs=rngs,
+            enable_dropout=dropout_rng is not None, rngs=rngs, lexical_scores=batch.get("lexical_scores"),
         )
 
     def _stats(self, scores: Array, batch: Batch) -> RankingStats:
@@ -298,21 +358,31 @@ def _module_of(model: LateInteractionReranker | RerankerModel) -> LateInteractio
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(module: LateInteractionReranker, params: PyTree, query_tokens: Array, candidate_tokens: Array) -> Array:
-    return module.apply({"params": params}, query_tokens, candidate_tokens)
+def _score(module: LateInteractionReranker, params: PyTree, query_tokens: Array, candidate_tokens: Array,
+           lexical_scores: Array | None) -> Array:
+    return module.apply({"params": params}, query_tokens, candidate_tokens, lexical_scores=lexical_scores)
+
+
+def uses_lexical_scores(model: LateInteractionReranker | RerankerModel) -> bool:
+    """Whether `score_candidates` needs the candidates' BM25 scores against the question query."""
+    model = getattr(model, "model", model)  # a LoRA wrapper scores with its base model
+    return _module_of(model).lexical_weight is not None
 
 
 def score_candidates(
-    model: LateInteractionReranker | RerankerModel, params: PyTree, query_tokens: Array, candidate_tokens: Array
+    model: LateInteractionReranker | RerankerModel, params: PyTree, query_tokens: Array, candidate_tokens: Array,
+    lexical_scores: Array | None = None,
 ) -> Array:
-    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] -> [b, n] float32.
+    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] -> [b, n] float32;
+    `lexical_scores` [b, n] (`lexical_features`) for a model with a lexical feature.
 
     A LoRA-wrapped model (`lora.LoraModel`) is scored with its merged weights.
     """
     if hasattr(model, "merge_params"):
         params, model = model.merge_params(meta.unbox(params)), model.model
+    lexical = None if lexical_scores is None else jnp.asarray(lexical_scores, jnp.float32)
     return _score(_module_of(model), meta.unbox(params), jnp.asarray(query_tokens, jnp.int32),
-                  jnp.asarray(candidate_tokens, jnp.int32))
+                  jnp.asarray(candidate_tokens, jnp.int32), lexical)
 
 
 def params_with_t5_encoder(params: PyTree, t5_params: Mapping[str, Any]) -> PyTree:

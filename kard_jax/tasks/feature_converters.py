@@ -5,8 +5,9 @@ Student (encoder-decoder): `seqio.EncDecFeatureConverter(pack=False)`, giving
 
 Reranker: task features `query` [<=Lq], `candidates` [<=n, <=Lc] (ragged), `labels` [<=n] with
 task_feature_lengths `{"query": Lq, "candidates": Lc, "labels": n}` become `query_tokens` [Lq],
-`candidate_tokens` [n, Lc], `labels` [n] and `candidate_mask` [n] (1 for a real candidate, 0 for a
-padded slot), all zero-padded.
+`candidate_tokens` [n, Lc], `labels` [n], `candidate_mask` [n] (1 for a real candidate, 0 for a
+padded slot) and `lexical_scores` [n] (each candidate's BM25 score against the question query),
+all zero-padded.
 """
 from __future__ import annotations
 
@@ -30,12 +31,13 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
         "query": FeatureSpec(dtype=tf.int32),
         "candidates": FeatureSpec(dtype=tf.int32, rank=2, sequence_dim=1),
         "labels": FeatureSpec(dtype=tf.float32),
-    }
+    }  # and `lexical_scores` [<=n], padded like `labels` (its length is the labels')
     MODEL_FEATURES = {
         "query_tokens": FeatureSpec(dtype=tf.int32),
         "candidate_tokens": FeatureSpec(dtype=tf.int32, rank=2, sequence_dim=1),
         "labels": FeatureSpec(dtype=tf.float32),
         "candidate_mask": FeatureSpec(dtype=tf.int32),
+        "lexical_scores": FeatureSpec(dtype=tf.float32),
     }
     PACKING_FEATURE_DTYPES = {}
 
@@ -60,9 +62,12 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
             count = tf.shape(labels)[0]
             mask = tf.cast(tf.range(n) < count, tf.int32)
             labels = tf.pad(labels, [[0, n - count]])
+            lexical = tf.pad(ex["lexical_scores"][:n], [[0, n - count]])
             query.set_shape([lq])
             labels.set_shape([n])
-            return {"query_tokens": query, "candidate_tokens": cands, "labels": labels, "candidate_mask": mask}
+            lexical.set_shape([n])
+            return {"query_tokens": query, "candidate_tokens": cands, "labels": labels, "candidate_mask": mask,
+                    "lexical_scores": lexical}
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -72,4 +77,5 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
             "candidate_tokens": task_feature_lengths["candidates"],
             "labels": task_feature_lengths["labels"],
             "candidate_mask": task_feature_lengths["labels"],
+            "lexical_scores": task_feature_lengths["labels"],
         }

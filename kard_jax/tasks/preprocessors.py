@@ -30,6 +30,7 @@ RERANKER_SIGNATURE = {
     "candidates": tf.TensorSpec([None], tf.string),
     "candidate_ids": tf.TensorSpec([None], tf.string),
     "labels": tf.TensorSpec([None], tf.float32),
+    "lexical_scores": tf.TensorSpec([None], tf.float32),
 }
 
 
@@ -71,7 +72,7 @@ def trim_candidates(
     eos_id: int,
     sequence_length: Mapping[str, int] | None = None,
 ) -> tf.data.Dataset:
-    """Keep the first `sequence_length["labels"]` candidates (and labels), cut each candidate to
+    """Keep the first `sequence_length["labels"]` candidates (labels, ids, lexical scores), cut each candidate to
     `sequence_length["candidates"] - 1` tokens and append EOS (seqio's `append_eos_after_trim`
     for a [n, None] feature). Without `sequence_length` only EOS is appended."""
     max_cands = (sequence_length or {}).get("labels")
@@ -82,7 +83,7 @@ def trim_candidates(
         cands, labels = ex["candidates"], ex["labels"]
         if max_cands is not None:
             cands, labels = cands[:max_cands], labels[:max_cands]
-            for key in ("candidate_ids", "candidates_pretokenized"):
+            for key in ("candidate_ids", "candidates_pretokenized", "lexical_scores"):
                 if key in ex:
                     ex[key] = ex[key][:max_cands]
         if max_tokens is not None:

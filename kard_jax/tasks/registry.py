@@ -149,6 +149,33 @@ class KardData:
                                  field="passage_ids") from None
         return out
 
+    @functools.cached_property
+    def _cache_config(self) -> dict:
+        from kard_jax.knowledge import atomic
+
+        return atomic.read_json(pathlib.Path(self.retrieval_cache_dir) / "manifest.json").get("config", {})
+
+    def lexical_features(self, query: str, row: Mapping) -> list[float]:
+        """The hybrid reranker's feature of a retrieval-cache row's candidates
+        (`reranker.lexical_features`): BM25 against the question query, z-scored over the
+        question's own top-k (the rest are the rationales' extras), as `inference.rerank` does over
+        the list it reranks. A BM25 cache row already holds these scores (`question_scores`); a
+        dense one is scored with the knowledge base's BM25 index."""
+        from kard_jax.models.reranker import lexical_features
+
+        if self._cache_config.get("question_retriever", "bm25") == "bm25":
+            bm25 = row["question_scores"]
+        else:
+            from kard_jax.knowledge.bm25 import BM25Index
+
+            directory = pathlib.Path(self.kb_dir) / "bm25"
+            if not directory.is_dir():
+                raise InputError("the reranker's lexical feature needs the knowledge base's BM25 index (bm25/) "
+                                 "with a dense retrieval cache; build the KB with runs/build_kb.gin",
+                                 path=self.kb_dir, field="kb_dir")
+            bm25 = BM25Index.load(directory).score_candidates(query, self.passage_store.indices_of(row["candidate_ids"]))
+        return [float(x) for x in lexical_features(bm25, self._cache_config.get("question_top_k"))]
+
     @functools.lru_cache(maxsize=None)
     def _rationale_index(self, cache_dir: str) -> dict:
         from kard_jax.knowledge.retrieval_cache import read_rationale_retrieval
@@ -238,13 +265,18 @@ class KardData:
                                  path=cache, field="labels")
             return self.passages(row["candidate_ids"], source=cache), labels
 
+        @functools.lru_cache(maxsize=1)  # records come question by question (one per rationale)
+        def lexical(query: str, question_id: str) -> list[float]:
+            return self.lexical_features(query, rows[question_id])
+
         if split not in (TRAIN_SPLIT, VALIDATION_SPLIT):
             raise InputError(f"the reranker task has splits 'train' and 'validation', not {split!r}", field="split")
         held_out = split == VALIDATION_SPLIT
         examples = [e for e in self.examples(TRAIN_SPLIT)
                     if is_held_out(e.id, self.reranker_holdout_fraction) == held_out]
         records = sources.reranker_records(examples, self.rationales, candidates, self.query_form,
-                                           max_candidates=self.reranker_max_candidates)
+                                           max_candidates=self.reranker_max_candidates,
+                                           lexical_features=lexical)
         return self._progress(records, split, RERANKER_VARIANT)
 
 

@@ -190,10 +190,13 @@ def reranker_records(
     candidates: Callable[[str, int], tuple[Sequence[PassageLike], Sequence[float]]],
     query_form: str,
     max_candidates: int | None = None,
+    lexical_features: Callable[[str, str], Sequence[float]] | None = None,
 ) -> Iterator[dict]:
     """Reranker: (question, candidates from rationale and question retrieval, labels) per kept
     rationale; `candidates(question_id, rationale_index)` gives passages and their labels (BM25
-    score of each candidate against the rationale). The query is the formatted question.
+    score of each candidate against the rationale). The query is the question query;
+    `lexical_features(query, question_id)` gives the hybrid reranker's feature of every candidate
+    (`reranker.lexical_features`, in `candidates`' order, before the selection; zeros without it).
 
     Candidates are ordered by descending label (stable), so a converter that keeps only the first
     n keeps the rationale-relevant ones (the rationale-retrieved extras of the union come last in
@@ -202,18 +205,22 @@ def reranker_records(
     for ex in examples:
         for index, _ in kept_rationales(ex, rationales):
             passages, labels = candidates(ex.id, index)
+            query = question_query(ex, query_form)
+            lexical = lexical_features(query, ex.id) if lexical_features is not None else [0.0] * len(passages)
+            if len(lexical) != len(passages):
+                raise ValueError(f"{ex.id}: {len(lexical)} lexical features for {len(passages)} candidates")
             keep = select_candidates(labels, max_candidates)
-            passages, labels = [passages[i] for i in keep], [labels[i] for i in keep]
-            order = sorted(range(len(labels)), key=lambda i: -float(labels[i]))
-            passages, labels = [passages[i] for i in order], [labels[i] for i in order]
+            keep = sorted(keep, key=lambda i: -float(labels[i]))  # by descending label (stable)
+            passages, labels, lexical = ([xs[i] for i in keep] for xs in (passages, labels, lexical))
             yield {
                 "id": f"{ex.id}#r{index}",
                 "question_id": ex.id,
                 "rationale_index": index,
-                "query": question_query(ex, query_form),
+                "query": query,
                 "candidates": [prompts.format_passage(p.title, p.text) for p in passages],
                 "candidate_ids": [p.id for p in passages],
                 "labels": [float(x) for x in labels],
+                "lexical_scores": [float(x) for x in lexical],
             }
 
 
