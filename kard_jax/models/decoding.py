@@ -4,8 +4,14 @@ Structure follows t5x `decoding.temperature_sample`: encode once, run the first 
 puts the encoder-decoder attention K/V into the cache), then a `lax.while_loop` feeds one token
 per step to `T5.decode(..., decode=True, mutable=["cache"])`. The loop stops
 as soon as every sequence has produced `eos_id`; every token after a sequence's EOS is pad (0).
-`num_decodes` samples per input repeat the encoded inputs along the batch (t5x
-`flat_batch_beam_expand`), so the encoder runs once per input, not once per sample.
+`num_decodes` samples per input (self-consistency decoding) share each input's encoder work:
+the encoder runs once per input, and the encoder-decoder attention K/V (computed on the first
+step and cached) are stored once per input, [b, ...], and read by all of its samples (the
+decoder queries of the samples attend to them together, `t5.MultiHeadAttention`). Only the
+decoder state is per sample: the self-attention cache, tokens, log-probs and rng have
+b * num_decodes rows, rows i*n .. i*n+n-1 being the samples of input i (t5x
+`flat_batch_beam_expand` order). The encoder output is not repeated, so neither the first
+step's K/V projections nor every step's cross-attention memory traffic grows with num_decodes.
 
 Every configuration argument is static (one compilation per configuration); the arrays
 (params, tokens, rng) are traced, so the functions run under any mesh / input sharding.
@@ -31,7 +37,8 @@ MIN_TEMPERATURE = 1e-4
 
 @flax.struct.dataclass
 class _LoopState:
-    """Decoding loop carry; B = batch * num_decodes, L = max_decode_len."""
+    """Decoding loop carry; B = batch * num_decodes, L = max_decode_len (the cache's
+    encoder-decoder K/V have the un-expanded batch)."""
 
     step: jnp.ndarray  # [] int32, index of the token being produced
     cur_token: jnp.ndarray  # [B, 1] int32, the decoder input of this step
@@ -47,12 +54,32 @@ def flat_batch_expand(x: jnp.ndarray, num_decodes: int) -> jnp.ndarray:
     return jnp.repeat(x, num_decodes, axis=0)
 
 
+def _ordered_keys(x: jnp.ndarray) -> jnp.ndarray:
+    """float32 -> uint32 keys with the same order (sign-magnitude bits made monotone)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key(ok, rows: tuple[int, ...]) -> jnp.ndarray:
+    """Per row, the largest uint32 key t with ok(t) [rows..., 1] true, for an `ok` that is true
+    at 0 and monotone (true up to some key, false above): built bit by bit, 32 passes. An exact
+    order statistic without sorting the vocabulary (XLA:CPU's sort and top_k over a 32k
+    vocabulary cost more than a decoder step)."""
+    def body(i, ans):
+        cand = ans | (jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32)))
+        return jnp.where(ok(cand), cand, ans)
+
+    return lax.fori_loop(0, 32, body, jnp.zeros(rows + (1,), jnp.uint32))
+
+
 def top_k_mask(logits: jnp.ndarray, top_k: int) -> jnp.ndarray:
     """Sets logits below the k-th largest (per row) to -inf; top_k <= 0 or >= vocab: no-op."""
     if top_k <= 0 or top_k >= logits.shape[-1]:
         return logits
-    kth_largest = lax.top_k(logits, top_k)[0][..., -1:]
-    return jnp.where(logits < kth_largest, -jnp.inf, logits)
+    keys = _ordered_keys(logits)
+    # The k-th largest: the largest key with at least k logits at or above it.
+    kth_largest = _largest_key(lambda t: jnp.sum(keys >= t, axis=-1, keepdims=True) >= top_k, logits.shape[:-1])
+    return jnp.where(keys < kth_largest, -jnp.inf, logits)
 
 
 def top_p_mask(logits: jnp.ndarray, top_p: float) -> jnp.ndarray:
@@ -60,12 +87,15 @@ def top_p_mask(logits: jnp.ndarray, top_p: float) -> jnp.ndarray:
     `top_p` (always at least the top token), sets the rest to -inf; top_p >= 1: no-op."""
     if top_p >= 1.0:
         return logits
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1, keepdims=True), 1)
-    cutoff = jnp.take_along_axis(sorted_desc, num_kept - 1, axis=-1)
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
+    keys = _ordered_keys(logits)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    # The cutoff: the largest key whose logits at or above it hold at least top_p of the mass
+    # (= the value of the last token kept when adding tokens in descending order until the
+    # mass reaches top_p; ties at the cutoff are all kept).
+    cutoff = _largest_key(
+        lambda t: jnp.sum(jnp.where(keys >= t, probs, 0.0), axis=-1, keepdims=True) >= top_p, logits.shape[:-1]
+    )
+    return jnp.where(keys < cutoff, -jnp.inf, logits)
 
 
 def filter_logits(logits: jnp.ndarray, *, temperature: float, top_k: int, top_p: float) -> jnp.ndarray:
@@ -92,20 +122,20 @@ def _decode_loop(
         raise ValueError(f"max_decode_len must be >= 1, got {max_decode_len}")
     encoder_input_tokens = encoder_input_tokens.astype(jnp.int32)
     encoded = model.apply({"params": params}, encoder_input_tokens, method=t5.T5.encode)
-    if num_decodes > 1:
-        encoded = flat_batch_expand(encoded, num_decodes)
-        encoder_input_tokens = flat_batch_expand(encoder_input_tokens, num_decodes)
-    batch, encoder_len = encoder_input_tokens.shape
-    cache = t5.init_cache(model, params, batch, encoder_len, max_decode_len)
+    # Not expanded: the decoder's b * num_decodes rows share each input's encoder output and
+    # cross-attention K/V (t5.MultiHeadAttention groups the rows by input).
+    inputs, encoder_len = encoder_input_tokens.shape
+    batch = inputs * num_decodes
+    cache = t5.init_cache(model, params, inputs, encoder_len, max_decode_len, num_decodes=num_decodes)
     greedy = temperature <= MIN_TEMPERATURE
     per_row = rng.ndim == 2  # one raw key per input row
     if per_row:
-        if rng.shape[0] * num_decodes != batch:
+        if rng.shape[0] != inputs:
             raise ValueError(f"per-row rng must have one key per input, got {rng.shape[0]} keys for "
-                             f"{batch // num_decodes} inputs")
+                             f"{inputs} inputs")
         if num_decodes > 1:  # sample j of input i: fold_in(key_i, j)
             rng = jax.vmap(jax.random.fold_in)(flat_batch_expand(rng, num_decodes),
-                                               jnp.tile(jnp.arange(num_decodes, dtype=jnp.uint32), batch // num_decodes))
+                                               jnp.tile(jnp.arange(num_decodes, dtype=jnp.uint32), inputs))
 
     def cond_fn(state: _LoopState) -> jnp.ndarray:
         return (state.step < max_decode_len) & ~jnp.all(state.ended)
@@ -211,6 +241,8 @@ def sample_decode(
     Samples stay in draw order (not sorted by log-prob); the same rng gives the same samples.
     `rng` is one PRNG key, or raw keys [b, 2] (one per input: `jax.random.PRNGKey` values), with
     which every input's samples depend only on its own key (not on the batch or its sharding).
+    Each input is encoded once and its encoder-decoder attention K/V are cached once and shared
+    by its `num_decodes` samples (self-consistency decoding; see the module docstring).
     """
     if num_decodes < 1:
         raise ValueError(f"num_decodes must be >= 1, got {num_decodes}")

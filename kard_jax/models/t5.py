@@ -25,7 +25,8 @@ other layout is refused with the fix named (`checkpoints.layer_layout_hint`).
 Incremental decoding uses a "cache" collection (t5x style): self-attention keys/values are
 written at the current position; the encoder-decoder attention keys/values are computed from the
 encoder output once, on the first decoding step (which adds them to the cache), and only read
-afterwards.
+afterwards. With n samples per input the decoder runs b * n rows against the encoder output of
+the b inputs, and those K/V are cached once per input, not once per sample.
 """
 from __future__ import annotations
 
@@ -264,6 +265,18 @@ class MultiHeadAttention(nn.Module):
         key_proj = self._dense("key", (h, kv), qkv_axes, d**-0.5)
         value_proj = self._dense("value", (h, kv), qkv_axes, d**-0.5)
         query = _constrain(query, ("batch", "length", "heads", "kv"))
+        rows, samples = query.shape[0], 1
+        if decode and self.is_cross_attention and inputs_kv.shape[0] != rows:
+            # Several samples per input (self-consistency decoding): the decoder runs b * n rows,
+            # rows i*n .. i*n+n-1 being the samples of input i (`decoding.flat_batch_expand`
+            # order), against the encoder output of the b inputs. K/V are computed and cached
+            # once per input ([b, ...]) and each input's n samples attend to them as n query
+            # positions of one row, so the einsums below stay as they are.
+            if rows % inputs_kv.shape[0]:
+                raise ValueError(f"decoder batch {rows} is not a multiple of encoder batch {inputs_kv.shape[0]}")
+            samples = rows // inputs_kv.shape[0]
+            query = query.reshape(inputs_kv.shape[0], samples * query.shape[1], h, kv)
+            query = _constrain(query, ("batch", "length", "heads", "kv"))
 
         # Default layouts: keys/values [b, k, heads, kv].
         scores_eq, out_eq = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
@@ -313,6 +326,8 @@ class MultiHeadAttention(nn.Module):
             weights = nn.Dropout(rate=c.dropout_rate)(weights, deterministic=False)
         weights = weights.astype(jnp.dtype(c.dtype))
         out = jnp.einsum(out_eq, weights, value)
+        if samples > 1:  # [b, n * q, heads, kv] -> [b * n, q, heads, kv]
+            out = out.reshape(rows, out.shape[1] // samples, h, kv)
         out = self._dense("out", (d,), ("heads", "kv", "embed"), (h * kv) ** -0.5, contract_dims=2)(out)
         return _constrain(out, ("batch", "length", "embed"))
 
@@ -552,12 +567,18 @@ class T5(nn.Module):
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout)
 
 
-def init_cache(model: T5, params: Any, batch_size: int, encoder_len: int, max_decode_len: int) -> Any:
-    """An empty decoding cache for `T5.decode(..., decode=True)` (position 0, zero K/V)."""
+def init_cache(
+    model: T5, params: Any, batch_size: int, encoder_len: int, max_decode_len: int, num_decodes: int = 1
+) -> Any:
+    """An empty decoding cache for `T5.decode(..., decode=True)` (position 0, zero K/V).
+
+    `batch_size` inputs with `num_decodes` decoder rows each: the self-attention cache holds
+    batch_size * num_decodes rows, while `T5.decode` is then called with the encoder output and
+    tokens of the batch_size inputs (the encoder-decoder K/V it caches are per input)."""
     c = model.config
     encoded = jnp.zeros((batch_size, encoder_len, c.d_model), jnp.dtype(c.dtype))
     enc_tokens = jnp.ones((batch_size, encoder_len), jnp.int32)
-    dec_tokens = jnp.zeros((batch_size, max_decode_len), jnp.int32)
+    dec_tokens = jnp.zeros((batch_size * num_decodes, max_decode_len), jnp.int32)
 
     _, variables = model.apply(
         {"params": params}, encoded, enc_tokens, dec_tokens, decode=True, method=T5.decode, mutable=["cache"]
