@@ -44,7 +44,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_jax(args) -> dict:
+def build_jax(args):
+    """(trainer, config, devices, numpy batch): the model, optimizer and batch `run_jax` times
+    (also what `profile_train_step.py` profiles)."""
     import jax
 
     from kard_jax.models import t5
@@ -63,7 +65,13 @@ def run_jax(args) -> dict:
         mesh_config = partitioning.MeshConfig(data=1, model=1)
     trainer = Trainer(EncoderDecoderModel(t5.T5(cfg)), optimizers.adamw(1e-4),
                       mesh=mesh_config.make_mesh(devices), logical_axis_rules=partitioning.standard_logical_axis_rules())
-    batch_np = make_batch(args, cfg.vocab_size)
+    return trainer, cfg, devices, make_batch(args, cfg.vocab_size)
+
+
+def run_jax(args) -> dict:
+    import jax
+
+    trainer, cfg, devices, batch_np = build_jax(args)
     state = trainer.init_state({k: v.shape for k, v in batch_np.items()})
     batch = trainer.global_batch(batch_np)
     trainer.compile_train_step(state, batch)
@@ -178,9 +186,15 @@ def main() -> None:
         print(f"  {side:5s}: step={r['step_s']:.3f}s (timed {', '.join(f'{t:.2f}' for t in r['step_times'])}) "
               f"tokens/s={r['tokens_per_s']:.0f} peak_rss={r['peak_rss_gb']:.2f}GB params={r['params'] / 1e6:.1f}M"
               f" loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}{extra}{mfu}")
+    try:
+        import cpu_info  # run as a script: benchmarks/ is on sys.path
+    except ImportError:
+        from benchmarks import cpu_info
     if len(results) == 2:
         ratio = results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
-        print(f"  throughput ratio jax/torch = {ratio:.2f}x")
+        print(f"  throughput ratio jax/torch = {ratio:.2f}x  [{cpu_info.describe()}]")
+    else:
+        print(f"  [{cpu_info.describe()}]")
     print("  MFU formula: 6 * params * tokens_per_step / step_time / (peak_tflops * 1e12)"
           + ("" if args.peak_tflops else "  (pass --peak_tflops to compute)"))
 
