@@ -72,5 +72,26 @@ def describe(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     return f"cpu: {model} | isa: {isa(flags)} | cores: {os.cpu_count()} (affinity {affinity}) | threads: {threads()}"
 
 
+def fp32_peak_gflops(cpuinfo_path: str = "/proc/cpuinfo") -> float | None:
+    """A nominal fp32 peak of the cores this process may use: cores x base MHz x FLOPs per cycle
+    (2 FMA units x 16 lanes x 2 with AVX-512F, 2 x 8 x 2 with AVX2, 2 x 4 x 2 otherwise), the
+    figure "share of peak" is quoted against. None when /proc/cpuinfo has no MHz. Turbo and AVX-512
+    down-clocking move the real peak either way; treat the share as approximate."""
+    _, flags = _cpuinfo(cpuinfo_path)
+    try:
+        with open(cpuinfo_path) as f:
+            mhz = next(float(line.split(":")[1]) for line in f if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    per_cycle = 64 if flags and "avx512f" in flags else 32 if flags and "avx2" in flags else 16
+    return cores * mhz * 1e-3 * per_cycle
+
+
 if __name__ == "__main__":
     print(describe())
+    peak = fp32_peak_gflops()
+    print(f"nominal fp32 peak: {peak:.0f} GFLOP/s" if peak else "nominal fp32 peak: unknown")
