@@ -289,3 +289,17 @@ def test_hybrid_reranker_dominated_by_its_lexical_weight_ranks_like_bm25(tiny_kb
     kwargs = dict(tokenizer=tok, query_length=16, candidate_length=24, batch_size=2)
     assert (rerank.reranked_ranker(kb, candidates, model=model, params=zero, **kwargs)(examples)
             == rerank.reranked_ranker(kb, candidates, model=plain, params=plain_params, **kwargs)(examples))
+
+
+def test_restoring_a_hybrid_checkpoint_into_a_plain_reranker_names_the_setting():
+    from kard_jax.training import checkpoints
+
+    hybrid = reranker.RerankerModel(CFG, proj_dim=PROJ, lexical_weight=1.0)
+    plain = reranker.RerankerModel(CFG, proj_dim=PROJ)
+    shapes = {"query_tokens": (1, 4), "candidate_tokens": (1, 2, 4)}
+    saved, want = (jax.eval_shape(lambda m=m: meta.unbox(m.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"]))
+                   for m in (hybrid, plain))
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="hybrid reranker.*set LEXICAL_WEIGHT"):
+        checkpoints.check_params_match(saved, want, "ckpt", "fix")
+    with pytest.raises(checkpoints.CheckpointMismatchError, match="without the lexical feature"):
+        checkpoints.check_params_match(want, saved, "ckpt", "fix")

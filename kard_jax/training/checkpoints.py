@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -191,8 +191,19 @@ def check_params_match(saved_params: PyTree, model_params: PyTree, where: str, f
     details = ", ".join(f"{k}: checkpoint {_shape(saved.get(k))} vs model {_shape(want.get(k))}" for k in diff[:5])
     raise CheckpointMismatchError(
         f"checkpoint {where} does not match the model ({len(diff)} parameter(s) differ: {details}); "
-        f"{layer_layout_hint(saved, want) or fix}"
+        f"{layer_layout_hint(saved, want) or lexical_weight_hint(diff, saved) or fix}"
     )
+
+
+def lexical_weight_hint(diff: Sequence[str], saved: Mapping[str, Any]) -> str | None:
+    """The fix when the only difference is the hybrid reranker's lexical weight
+    (`reranker.RerankerModel.lexical_weight`)."""
+    if list(diff) != ["lexical_weight"]:
+        return None
+    if "lexical_weight" in saved:
+        return ("the checkpoint is a hybrid reranker (trained with LEXICAL_WEIGHT): set LEXICAL_WEIGHT / "
+                "RERANKER_LEXICAL_WEIGHT to a number (its trained weight is restored)")
+    return "the checkpoint is a reranker without the lexical feature: set LEXICAL_WEIGHT / RERANKER_LEXICAL_WEIGHT = None"
 
 
 def newest_readable(
