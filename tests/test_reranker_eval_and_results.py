@@ -22,6 +22,40 @@ def test_ranking_metrics_by_hand():
     assert m["num_questions"] == 3
 
 
+def test_paired_comparison_and_sign_test_by_hand():
+    # first silver ranks on 6 questions, of a ranking and of the reference
+    first = [1, 2, None, 4, 1, 3]
+    ref = [2, 1, 1, None, 1, 9]
+    c = reranker_eval.paired_comparison(first, ref, ks=(1, 3))
+    # k=1: hits [1,0,0,0,1,0] vs [0,1,1,0,1,0] -> wins {q0}, losses {q1, q2}
+    assert (c["hits@1"]["wins"], c["hits@1"]["losses"]) == (1, 2)
+    # k=3: hits [1,1,0,0,1,1] vs [1,1,1,0,1,0] -> wins {q5}, losses {q2}
+    assert (c["hits@3"]["wins"], c["hits@3"]["losses"]) == (1, 1)
+    # exact two-sided sign test: n=3, min=1 -> 2 * (C(3,0) + C(3,1)) / 8 = 1.0; n=10, 1 -> 2 * 11 / 1024
+    assert c["hits@1"]["p_value"] == 1.0
+    assert reranker_eval.sign_test_p(9, 1) == pytest.approx(22 / 1024)
+    assert reranker_eval.sign_test_p(0, 0) == 1.0
+    assert reranker_eval.sign_test_p(5, 5) == 1.0
+    with pytest.raises(ValueError):
+        reranker_eval.paired_comparison([1], [1, 2])
+
+
+def test_evaluate_rankers_pairs_each_ranking_with_the_reference():
+    examples = [Example(f"q{i}", f"question {i}", ("a", "b"), 0, "demo") for i in range(4)]
+    silver = {"q0": {1}, "q1": {2}, "q2": {3}, "q3": {9}}  # q3's silver is in no ranking
+    ref_rows = {"q0": [1, 5], "q1": [5, 2], "q2": [5, 6], "q3": [5, 6]}
+    new_rows = {"q0": [5, 1], "q1": [2, 5], "q2": [3, 5], "q3": [6, 5]}
+    results = reranker_eval.evaluate_rankers(
+        examples, {"bm25": lambda exs: [ref_rows[e.id] for e in exs], "new": lambda exs: [new_rows[e.id] for e in exs]},
+        silver, ks=(1, 2), reference="bm25")
+    assert "vs_bm25" not in results["bm25"]
+    assert results["new"]["vs_bm25"]["hits@1"] == {"wins": 2, "losses": 1, "p_value": 1.0}
+    assert results["new"]["vs_bm25"]["hits@2"] == {"wins": 1, "losses": 0, "p_value": 1.0}
+    assert results["new"]["hits@1"] - results["bm25"]["hits@1"] == pytest.approx((2 - 1) / 4)
+    table = reranker_eval.format_table(results, ks=(1, 2))
+    assert "| new | bm25 | +2 / -1, p=1.000 | +1 / -0, p=1.000 |" in table
+
+
 @pytest.fixture(scope="module")
 def kb(tmp_path_factory):
     root = tmp_path_factory.mktemp("rkb")

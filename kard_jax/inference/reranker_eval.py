@@ -19,6 +19,7 @@ Writes metrics.json (and TensorBoard scalars) to `out_dir`.
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import time
@@ -49,20 +50,50 @@ def silver_sets(kb: passages_lib.KnowledgeBase, rationales: Mapping[str, Sequenc
     return out
 
 
+def first_silver_ranks(rankings: Sequence[Sequence[int]], silver: Sequence[set[int]]) -> list[int | None]:
+    """Per question, the 1-based rank of its first silver passage in its ranking (None: none ranked)."""
+    if len(rankings) != len(silver):
+        raise ValueError("one ranking per silver set")
+    return [next((i + 1 for i, p in enumerate(ranking) if p in gold), None) for ranking, gold in zip(rankings, silver)]
+
+
 def ranking_metrics(rankings: Sequence[Sequence[int]], silver: Sequence[set[int]],
                     ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Hits@k and MRR of `rankings` (store positions, best first) against the silver sets."""
-    if len(rankings) != len(silver):
-        raise ValueError("one ranking per silver set")
-    if not rankings:
+    first = first_silver_ranks(rankings, silver)
+    if not first:
         return {**{f"hits@{k}": 0.0 for k in ks}, "mrr": 0.0, "num_questions": 0}
-    first = []
-    for ranking, gold in zip(rankings, silver):
-        rank = next((i + 1 for i, p in enumerate(ranking) if p in gold), None)
-        first.append(rank)
     out = {f"hits@{k}": float(np.mean([r is not None and r <= k for r in first])) for k in ks}
     out["mrr"] = float(np.mean([0.0 if r is None else 1.0 / r for r in first]))
     out["num_questions"] = len(rankings)
+    return out
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) of `wins` vs `losses` discordant pairs:
+    the probability under "either ranking is as likely to win a discordant question" of a split
+    at least this uneven. 1.0 with no discordant question."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_comparison(first: Sequence[int | None], reference: Sequence[int | None],
+                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Per k, on the same questions: `wins` (this ranking has a silver passage in its first k, the
+    reference does not), `losses` (the reverse) and the exact sign test's two-sided `p_value`.
+    The difference of the two Hits@k is (wins - losses) / questions; p says whether it is noise."""
+    if len(first) != len(reference):
+        raise ValueError("paired comparison needs both rankings of the same questions")
+    out = {}
+    for k in ks:
+        hit = [r is not None and r <= k for r in first]
+        ref = [r is not None and r <= k for r in reference]
+        wins = sum(a and not b for a, b in zip(hit, ref))
+        losses = sum(b and not a for a, b in zip(hit, ref))
+        out[f"hits@{k}"] = {"wins": wins, "losses": losses, "p_value": sign_test_p(wins, losses)}
     return out
 
 
@@ -78,18 +109,27 @@ def random_order_ranker(candidates: passages_lib.Ranker, seed: int = 0) -> passa
 
 def evaluate_rankers(examples: Sequence[Example], rankers: Mapping[str, passages_lib.Ranker],
                      silver: Mapping[str, set[int]], *, ks: Sequence[int] = DEFAULT_KS,
-                     batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """metrics per ranker name, over the examples that have at least one silver passage."""
+                     batch_size: int = 64, reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """metrics per ranker name, over the examples that have at least one silver passage; with
+    `reference` (a ranker name), every other ranker's metrics also hold `vs_<reference>`, its
+    `paired_comparison` with that ranker on the same questions."""
     judged = [e for e in examples if silver.get(e.id)]
     if not judged:
         raise InputError("no evaluated question has a silver passage (no kept rationale for any of them): "
                          "nothing to judge the rankings against", field="rationales_path")
-    out = {}
+    gold = [silver[e.id] for e in judged]
+    out: dict[str, dict[str, Any]] = {}
+    firsts = {}
     for name, ranker in rankers.items():
         rankings: list[list[int]] = []
         for start in tqdm(range(0, len(judged), batch_size), desc=f"rank:{name}", unit="batch", mininterval=2.0):
             rankings.extend(ranker(judged[start:start + batch_size]))
-        out[name] = ranking_metrics(rankings, [silver[e.id] for e in judged], ks)
+        out[name] = ranking_metrics(rankings, gold, ks)
+        firsts[name] = first_silver_ranks(rankings, gold)
+    if reference is not None:
+        for name in out:
+            if name != reference:
+                out[name][f"vs_{reference}"] = paired_comparison(firsts[name], firsts[reference], ks)
     return out
 
 
@@ -99,6 +139,15 @@ def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int] =
     for name, m in results.items():
         cells = " | ".join(f"{100 * m[f'hits@{k}']:.1f}" for k in ks)
         lines.append(f"| {name} | {cells} | {m['mrr']:.3f} | {m['num_questions']} |")
+    paired = [(name, key[3:], m[key]) for name, m in results.items() for key in m if key.startswith("vs_")]
+    if paired:
+        lines += ["", "Paired with the reference on the same questions: wins / losses (questions only one of the "
+                  "two has a silver passage in its first k), exact two-sided sign-test p.", "",
+                  "| ranking | vs | " + " | ".join(f"Hits@{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 2)]
+        for name, ref, comparison in paired:
+            cells = " | ".join(f"+{c['wins']} / -{c['losses']}, p={c['p_value']:.3f}"
+                               for c in (comparison[f"hits@{k}"] for k in ks))
+            lines.append(f"| {name} | {ref} | {cells} |")
     return "\n".join(lines)
 
 
@@ -169,7 +218,7 @@ def eval_reranker(
             rankers["untrained reranker"] = rerank.reranked_ranker(kb, bm25, model=reranker, params=untrained,
                                                                    **common)
     rankers["random order"] = random_order_ranker(bm25, seed)
-    results = evaluate_rankers(examples, rankers, silver, ks=ks)
+    results = evaluate_rankers(examples, rankers, silver, ks=ks, reference="bm25")
     metrics = {
         "rankings": results,
         "definition": "Hits@k: share of questions with a silver passage (BM25 top-"
@@ -196,5 +245,6 @@ def _write_scalars(out: pathlib.Path, results: Mapping[str, Mapping[str, float]]
 
     writer = metrics_lib.MetricsWriter(out / "tensorboard", enabled=True)
     for name, m in results.items():
-        writer.write_scalars(0, {f"{name.replace(' ', '_')}/{k}": v for k, v in m.items() if k != "num_questions"})
+        writer.write_scalars(0, {f"{name.replace(' ', '_')}/{k}": v for k, v in m.items()
+                                 if k != "num_questions" and not k.startswith("vs_")})
     writer.close()
