@@ -250,17 +250,18 @@ def test_hybrid_score_is_encoder_score_plus_trained_weight_times_feature(small_b
     hybrid = reranker.RerankerModel(CFG, proj_dim=PROJ, tau2=0.5, lexical_weight=2.0)
     params = _init(hybrid)
     assert float(params["lexical_weight"]) == 1.0  # tau2 * lexical_weight: score units
+    assert float(params["neural_weight"]) == 1.0  # the default: the encoder score as is
     plain = reranker.RerankerModel(CFG, proj_dim=PROJ, tau2=0.5)
-    plain_params = {k: v for k, v in params.items() if k != "lexical_weight"}
+    plain_params = {k: v for k, v in params.items() if k not in ("lexical_weight", "neural_weight")}
     lexical = np.array([[1.5, -0.5, 0.0, -1.0], [0.3, 2.0, -2.3, 0.0]], np.float32)
     batch = {**small_batch, "lexical_scores": lexical}
-    params = {**params, "lexical_weight": jnp.asarray(0.75, jnp.float32)}
+    params = {**params, "lexical_weight": jnp.asarray(0.75, jnp.float32), "neural_weight": jnp.asarray(-1.5, jnp.float32)}
     got = np.asarray(reranker.score_candidates(hybrid, params, batch["query_tokens"], batch["candidate_tokens"], lexical))
     neural = np.asarray(reranker.score_candidates(plain, plain_params, batch["query_tokens"], batch["candidate_tokens"]))
-    np.testing.assert_allclose(got, neural + 0.75 * lexical, rtol=1e-5, atol=1e-6)
-    # The weight is trained: the KL gradient reaches it.
+    np.testing.assert_allclose(got, -1.5 * neural + 0.75 * lexical, rtol=1e-5, atol=1e-6)
+    # Both weights are trained: the KL gradient reaches them.
     grads = jax.grad(lambda p: hybrid.loss_fn(p, {k: jnp.asarray(v) for k, v in batch.items()}, None)[0])(params)
-    assert abs(float(grads["lexical_weight"])) > 1e-6
+    assert abs(float(grads["lexical_weight"])) > 1e-6 and abs(float(grads["neural_weight"])) > 1e-6
     with pytest.raises(ValueError, match="lexical_scores"):
         reranker.score_candidates(hybrid, params, batch["query_tokens"], batch["candidate_tokens"])
     assert reranker.uses_lexical_scores(hybrid) and not reranker.uses_lexical_scores(plain)
@@ -285,7 +286,7 @@ def test_hybrid_reranker_dominated_by_its_lexical_weight_ranks_like_bm25(tiny_kb
     # And with the weight at 0 the encoder alone decides (same as a plain reranker's order).
     zero = {**params, "lexical_weight": jnp.asarray(0.0, jnp.float32)}
     plain = reranker.RerankerModel(CFG, proj_dim=PROJ)
-    plain_params = {k: v for k, v in params.items() if k != "lexical_weight"}
+    plain_params = {k: v for k, v in params.items() if k not in ("lexical_weight", "neural_weight")}
     kwargs = dict(tokenizer=tok, query_length=16, candidate_length=24, batch_size=2)
     assert (rerank.reranked_ranker(kb, candidates, model=model, params=zero, **kwargs)(examples)
             == rerank.reranked_ranker(kb, candidates, model=plain, params=plain_params, **kwargs)(examples))
@@ -303,3 +304,22 @@ def test_restoring_a_hybrid_checkpoint_into_a_plain_reranker_names_the_setting()
         checkpoints.check_params_match(saved, want, "ckpt", "fix")
     with pytest.raises(checkpoints.CheckpointMismatchError, match="without the lexical feature"):
         checkpoints.check_params_match(want, saved, "ckpt", "fix")
+
+
+def test_hybrid_starting_at_neural_weight_zero_is_exactly_the_lexical_ranking(small_batch):
+    """NEURAL_WEIGHT = 0 starts the hybrid as the first-stage ranking (scores = w * feature), and the
+    first gradient moves the encoder's weight off 0 (the encoder's own gradients are 0 there)."""
+    model = reranker.RerankerModel(CFG, proj_dim=PROJ, tau2=0.5, lexical_weight=1.0, neural_weight=0.0)
+    params = _init(model)
+    assert float(params["neural_weight"]) == 0.0
+    lexical = np.array([[1.5, -0.5, 0.0, -1.0], [0.3, 2.0, -2.3, 0.0]], np.float32)
+    got = np.asarray(reranker.score_candidates(model, params, small_batch["query_tokens"],
+                                               small_batch["candidate_tokens"], lexical))
+    np.testing.assert_allclose(got, 0.5 * lexical, rtol=1e-6, atol=1e-7)
+    batch = {k: jnp.asarray(v) for k, v in {**small_batch, "lexical_scores": lexical}.items()}
+    grads = jax.grad(lambda p: model.loss_fn(p, batch, None)[0])(params)
+    assert abs(float(grads["neural_weight"])) > 1e-6
+    encoder_grads = [g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0] if "encoder" in jax.tree_util.keystr(p)]
+    assert encoder_grads and all(float(jnp.max(jnp.abs(g))) == 0.0 for g in encoder_grads)
+    with pytest.raises(ValueError, match="neural_weight"):
+        reranker.RerankerModel(CFG, proj_dim=PROJ, lexical_weight=1.0, neural_weight=float("nan"))

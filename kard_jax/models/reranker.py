@@ -26,7 +26,8 @@ deviations of that question's scores and means the same for every question and c
 "none" is Eq. 3 on the raw scores.
 
 Lexical feature (`lexical_weight`, off by default): a hybrid reranker adds to its neural score
-`w * z(BM25(q, p))`, z(BM25(q, p)) being the candidate's BM25 score against the question query
+`w * z(BM25(q, p))` and scales its encoder score by a trained `g`: score = g * f(q, p) + w * z(BM25(q, p)),
+z(BM25(q, p)) being the candidate's BM25 score against the question query
 z-scored over the question's retrieved candidate list (`lexical_features`; batch key
 `lexical_scores`, built in the data pipeline at training and by `inference.rerank` at test time
 over the same kind of list, so a candidate's feature does not depend on which candidates a
@@ -35,7 +36,11 @@ scalar (parameter `lexical_weight`) initialised to `tau2 * lexical_weight`: the 
 logits per standard deviation, so 1.0 starts a reranker whose scores spread about one logit per
 standard deviation as an even blend of BM25 and its encoder. Ranking BM25 candidates, the first-stage
 score is evidence that a small encoder fine-tuned on a few thousand questions does not recover on
-its own (StrategyQA figures: docs/RERANKER.md); the model learns how much of it to keep. The temperatures are fixed positive constants (the KARD
+its own (StrategyQA figures: docs/RERANKER.md); the model learns how much of it to keep.
+`g` (parameter `neural_weight`) starts at `neural_weight` (1.0 by default); 0.0 starts the
+reranker as exactly the first-stage BM25 ranking and lets training add the encoder's score only
+as far as it helps (a randomly initialised encoder otherwise starts as noise on top of BM25; its
+gradients are zero until `g` moves off 0, which it does in the first steps). The temperatures are fixed positive constants (the KARD
 release anneals them below zero), and the whole encoder is trained (the release silently freezes
 its document encoder) unless it is wrapped with LoRA (`kard_jax.models.lora`).
 """
@@ -76,6 +81,7 @@ class Reranker(nn.Module):
     proj_dim: int = 128  # 0: no projection (vectors are the encoder's hidden states)
     head: str = "late_interaction"
     lexical_weight: float | None = None  # None: no lexical feature; else its initial weight (score units)
+    neural_weight: float = 1.0  # a hybrid's initial weight of the encoder score (its parameter `neural_weight`)
 
     def setup(self):
         c = self.config
@@ -89,6 +95,8 @@ class Reranker(nn.Module):
         if self.lexical_weight is not None:
             self.lexical_weight_param = self.param("lexical_weight", nn.with_logical_partitioning(
                 nn.initializers.constant(self.lexical_weight), ()), (), jnp.float32)
+            self.neural_weight_param = self.param("neural_weight", nn.with_logical_partitioning(
+                nn.initializers.constant(self.neural_weight), ()), (), jnp.float32)
         if self.proj_dim:
             self.projection = t5.DenseGeneral(
                 features=(self.proj_dim,), kernel_axes=("embed", "kv"), stddev=c.d_model**-0.5,
@@ -131,7 +139,7 @@ class Reranker(nn.Module):
         if lexical_scores is None:
             raise ValueError("this reranker has a lexical feature (lexical_weight is set): pass lexical_scores, "
                              "the candidates' lexical_features")
-        return scores + self.lexical_weight_param * lexical_scores.astype(jnp.float32)
+        return self.neural_weight_param * scores + self.lexical_weight_param * lexical_scores.astype(jnp.float32)
 
     def neural_scores(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False) -> Array:
         """[b, n] scores of the encoder alone (late interaction or dual encoder)."""
@@ -270,7 +278,7 @@ class RerankerModel(BaseModel):
 
     def __init__(self, config: BackboneConfig, *, proj_dim: int = 128, tau1: float = 1.0, tau2: float = 1.0,
                  head: str = "late_interaction", label_normalization: str = "standardize",
-                 lexical_weight: float | None = None):
+                 lexical_weight: float | None = None, neural_weight: float = 1.0):
         for name, tau in (("tau1", tau1), ("tau2", tau2)):
             if not tau > 0:
                 raise ValueError(f"RerankerModel.{name} must be a positive temperature, got {tau}")
@@ -285,10 +293,13 @@ class RerankerModel(BaseModel):
             raise TypeError(f"RerankerModel.config must be a t5.T5Config or bert.BertConfig, got {type(config).__name__}")
         if lexical_weight is not None and not np.isfinite(lexical_weight):
             raise ValueError(f"RerankerModel.lexical_weight must be a finite number or None, got {lexical_weight}")
+        if not np.isfinite(neural_weight):
+            raise ValueError(f"RerankerModel.neural_weight must be a finite number, got {neural_weight}")
         lexical_weight = None if lexical_weight is None else float(lexical_weight)
         # The parameter is in score units (scores / tau2 are the logits), so a restored reranker
         # scores the same whatever tau2 the inference gin gives; only its initial value uses tau2.
-        super().__init__(Reranker(config, proj_dim, head, None if lexical_weight is None else lexical_weight * tau2))
+        super().__init__(Reranker(config, proj_dim, head, None if lexical_weight is None else lexical_weight * tau2,
+                                  float(neural_weight)))
         self._lexical_weight = lexical_weight
         if lexical_weight is not None:
             self.INPUT_FEATURES = {**self.INPUT_FEATURES, "lexical_scores": jnp.float32}

@@ -195,10 +195,14 @@ def check_params_match(saved_params: PyTree, model_params: PyTree, where: str, f
     )
 
 
+# The parameters only a hybrid reranker has (`reranker.RerankerModel.lexical_weight`).
+HYBRID_RERANKER_PARAMS = ("lexical_weight", "neural_weight")
+
+
 def lexical_weight_hint(diff: Sequence[str], saved: Mapping[str, Any]) -> str | None:
-    """The fix when the only difference is the hybrid reranker's lexical weight
+    """The fix when the only difference is the hybrid reranker's own parameters
     (`reranker.RerankerModel.lexical_weight`)."""
-    if list(diff) != ["lexical_weight"]:
+    if not diff or not set(diff) <= set(HYBRID_RERANKER_PARAMS) or "lexical_weight" not in diff:
         return None
     if "lexical_weight" in saved:
         return ("the checkpoint is a hybrid reranker (trained with LEXICAL_WEIGHT): set LEXICAL_WEIGHT / "
