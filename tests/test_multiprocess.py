@@ -104,18 +104,7 @@ def _launch(tmp_path, model_dir, *, steps=TRAIN_STEPS, save_period=3, delay_s=0.
     return procs
 
 
-def _finish(procs, timeout=600):
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            outs.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return outs
+from tests.workers import communicate_all  # noqa: E402
 
 
 def _final_step(out: str) -> int:
@@ -135,7 +124,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     procs = _launch(tmp_path, multi_dir)
     # The single-process reference runs meanwhile (same global batches, same mesh shape).
     single_state = _train(single_dir, data=_data(record=tmp_path / "batches_single.jsonl", shard_index=0, num_shards=1))
-    results = _finish(procs)
+    results = communicate_all(procs)
     for pid, (code, out, err) in enumerate(results):
         assert code == 0, f"process {pid} exited {code}:\n{err[-4000:]}"
         assert _final_step(out) == TRAIN_STEPS
@@ -194,7 +183,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
         for p in procs:
             p.kill()
         raise
-    results = _finish(procs)
+    results = communicate_all(procs)
     for pid, (code, out, err) in enumerate(results):
         assert code == 0, f"process {pid} exited {code}:\n{err[-4000:]}"
     final = [_final_step(out) for _, out, _ in results]

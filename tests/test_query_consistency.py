@@ -107,3 +107,34 @@ def test_reranker_records_keep_only_the_selected_candidates(setup):
     for row in train:  # the best-labelled candidate (the rationale's passage) is always kept
         full = cache[row["question_id"]]["labels"][str(row["rationale_index"])]
         assert max(row["labels"]) == pytest.approx(max(full))
+
+
+def test_question_candidate_pool_keeps_only_the_questions_own_retrieved_list(setup):
+    """CANDIDATE_POOL='question': a reranker record's candidates are the question's own retrieved
+    list (question_top_k, what inference reranks), never a rationale-only extra; 'union' keeps the
+    extras. Labels and lexical features stay aligned with the candidates they belong to."""
+    root, world_dir, vocab_dir = setup
+    cache = {json.loads(line)["question_id"]: json.loads(line) for line in
+             (root / "retrieval_train" / "question_candidates-00000-of-00001.jsonl").read_text().splitlines()}
+    assert any(len(row["candidate_ids"]) > 4 for row in cache.values()), "the fixture needs rationale extras"
+
+    def ids(row):
+        return [c.decode() if isinstance(c, bytes) else c for c in row["candidate_ids"]]
+
+    _register(root, world_dir, vocab_dir, reranker_candidate_pool="union")
+    union = _records("kard_qc_reranker", "train")
+    _register(root, world_dir, vocab_dir, reranker_candidate_pool="question")
+    question = _records("kard_qc_reranker", "train")
+    assert len(union) == len(question)
+    extras = 0
+    for u, q in zip(union, question):
+        full = cache[q["question_id"]]
+        own = full["candidate_ids"][:4]
+        assert set(ids(q)) == set(own)
+        extras += len(set(ids(u)) - set(own))
+        labels = full["labels"][str(q["rationale_index"])]
+        for cid, label in zip(ids(q), q["labels"]):
+            assert label == pytest.approx(labels[full["candidate_ids"].index(cid)])
+    assert extras > 0  # the union pool does use the rationales' extras
+    with pytest.raises(InputError, match="reranker_candidate_pool"):
+        _register(root, world_dir, vocab_dir, reranker_candidate_pool="rationale")

@@ -96,7 +96,8 @@ _FINGERPRINT_FORMAT = "kard_jax.task_cache.built_from/1"
 _PATH_ARGUMENTS = ("train_path", "vocab_path", "rationales_path", "retrieval_cache_dir", "kb_dir",
                    "reranker_vocab_path")
 _SPLIT_PATH_ARGUMENTS = ("eval_paths", "eval_retrieval_cache_dirs", "eval_rankings")  # {split: path}
-_RERANKER_ONLY = {"reranker_vocab_path", "reranker_max_candidates", "reranker_holdout_fraction"}
+_RERANKER_ONLY = {"reranker_vocab_path", "reranker_max_candidates", "reranker_holdout_fraction",
+                  "reranker_candidate_pool"}
 _EVAL_ONLY = {"eval_retrieval_cache_dirs", "eval_rankings", "eval_passage_source"}
 _RETRIEVAL = {"retrieval_cache_dir", "kb_dir", "n_passages"}
 # Arguments that cannot change a variant's records (everything else, new arguments included, counts).

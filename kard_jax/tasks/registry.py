@@ -33,6 +33,8 @@ from kard_jax.tasks import metrics, preprocessors, sources, vocab as vocab_lib
 STUDENT_VARIANTS = ("ft", "rd", "kard", "kard_eval")
 RERANKER_VARIANT = "reranker"
 EVAL_PASSAGE_SOURCES = ("question", "oracle", "ranking")
+# Where a reranker record's candidates come from (`register_kard_tasks(reranker_candidate_pool=)`).
+RERANKER_CANDIDATE_POOLS = ("union", "question")
 TRAIN_SPLIT = "train"
 DEFAULT_SHUFFLE_BUFFER = 10_000
 
@@ -88,6 +90,7 @@ class KardData:
         query_form: str | None,
         reranker_max_candidates: int | None = None,
         reranker_holdout_fraction: float = 0.0,
+        reranker_candidate_pool: str = "union",
     ):
         self.dataset = dataset
         self.split_paths = {TRAIN_SPLIT: train_path, **dict(eval_paths)}
@@ -103,6 +106,7 @@ class KardData:
         self._query_form = query_form
         self.reranker_max_candidates = reranker_max_candidates
         self.reranker_holdout_fraction = reranker_holdout_fraction
+        self.reranker_candidate_pool = reranker_candidate_pool
 
     @functools.cached_property
     def query_form(self) -> str:
@@ -253,9 +257,22 @@ class KardData:
         return self._progress(sources.eval_records(self.examples(split), question_passages, self.budget), split,
                               "kard_eval")
 
+    def _reranker_pool_size(self) -> int | None:
+        """How many of a cache row's candidates a reranker record may use: all of them ("union"),
+        or the question's own retrieved list ("question": the first `question_top_k`)."""
+        if self.reranker_candidate_pool == "union":
+            return None
+        top_k = self._cache_config.get("question_top_k")
+        if not top_k:
+            raise InputError("reranker_candidate_pool='question' needs the retrieval cache's question_top_k "
+                             "(its manifest has none: rebuild the cache with runs/retrieve.gin)",
+                             path=self.retrieval_cache_dir, field="reranker_candidate_pool")
+        return int(top_k)
+
     def reranker(self, split: str) -> list[dict]:
         cache = self.retrieval_cache_dir
         rows = self._question_index(cache)
+        pool = self._reranker_pool_size()
 
         def candidates(question_id: str, rationale_index: int):
             row = rows.get(question_id)
@@ -263,11 +280,11 @@ class KardData:
             if labels is None:
                 raise InputError(f"no reranker labels for question {question_id!r} rationale {rationale_index}",
                                  path=cache, field="labels")
-            return self.passages(row["candidate_ids"], source=cache), labels
+            return self.passages(row["candidate_ids"][:pool], source=cache), labels[:pool]
 
         @functools.lru_cache(maxsize=1)  # records come question by question (one per rationale)
         def lexical(query: str, question_id: str) -> list[float]:
-            return self.lexical_features(query, rows[question_id])
+            return self.lexical_features(query, rows[question_id])[:pool]
 
         if split not in (TRAIN_SPLIT, VALIDATION_SPLIT):
             raise InputError(f"the reranker task has splits 'train' and 'validation', not {split!r}", field="split")
@@ -328,6 +345,7 @@ def register_kard_tasks(
     query_form: str | None = None,
     reranker_max_candidates: int | None = None,
     reranker_holdout_fraction: float = 0.0,
+    reranker_candidate_pool: str = "union",
 ) -> list[str]:
     """Register every KARD task the given files allow; returns the registered names.
 
@@ -344,9 +362,15 @@ def register_kard_tasks(
     (`kard_jax.data.query`): the reranker's question query; None takes the retrieval cache's, a
     different one is refused. `reranker_max_candidates`: candidates per reranker record (chosen by
     `sources.select_candidates` before tokenizing); `reranker_holdout_fraction`: questions
-    (`kard_jax.data.is_held_out`) moved from the reranker's 'train' split to 'validation'.
+    (`kard_jax.data.is_held_out`) moved from the reranker's 'train' split to 'validation';
+    `reranker_candidate_pool`: "union" (the KARD release: the question's retrieved list plus the
+    passages its rationales retrieve beyond it) or "question" (only the question's retrieved list,
+    the candidates inference reranks; the rationales still label them).
     """
     arguments = dict(locals())  # first: every argument, for TASK_SETTINGS (the task cache's fingerprint)
+    if reranker_candidate_pool not in RERANKER_CANDIDATE_POOLS:
+        raise InputError(f"reranker_candidate_pool must be one of {RERANKER_CANDIDATE_POOLS}, "
+                         f"got {reranker_candidate_pool!r}", field="reranker_candidate_pool")
     if eval_passage_source not in EVAL_PASSAGE_SOURCES:
         raise InputError(f"eval_passage_source must be one of {EVAL_PASSAGE_SOURCES}, got {eval_passage_source!r}",
                          field="eval_passage_source")
@@ -378,6 +402,7 @@ def register_kard_tasks(
         query_form=query_form,
         reranker_max_candidates=reranker_max_candidates,
         reranker_holdout_fraction=reranker_holdout_fraction,
+        reranker_candidate_pool=reranker_candidate_pool,
     )
     all_splits = [TRAIN_SPLIT, *eval_paths]
     names = [_student_task(task_name(dataset, "ft"), data.ft, all_splits, vocab, shuffle_buffer_size)]
