@@ -155,3 +155,27 @@ def test_sort_free_top_k_and_top_p_masks_equal_a_numpy_sort():
             cutoff = desc[np.arange(16), num_kept - 1][:, None]
             got = np.isfinite(np.asarray(decoding.top_p_mask(jnp.asarray(logits), p)))
             np.testing.assert_array_equal(got, logits >= cutoff, err_msg=f"scale {scale} top_p {p}")
+
+
+def test_top_k_first_filter_equals_the_vocabulary_masks():
+    """filter_logits with 0 < top_k < vocab takes both cutoffs from lax.top_k's k values; the
+    filtered logits equal top_p_mask(top_k_mask(.)) over the whole vocabulary (the bisections
+    checked against numpy above), ties at the k-th value and at the top-p cutoff included."""
+    rng = np.random.RandomState(1)
+    for scale in (0.3, 1.0, 3.0, 10.0):
+        logits = (rng.standard_normal((16, 300)) * scale).astype(np.float32)
+        logits[:, :40] = np.round(logits[:, :40])  # exact ties, some at the k-th value
+        logits[0, :] = 1.0  # a row that is all one tie
+        # No -0.0: the bisections order -0.0 below +0.0 (float bits), the top-k path (and
+        # transformers' torch comparisons) treat them as the same logit.
+        logits = logits + np.float32(0.0)
+        for temperature in (1.0, 0.7):
+            for k in (1, 7, 50, 299):
+                for p in (0.05, 0.5, 0.9, 0.95, 1.0):
+                    got = decoding.filter_logits(jnp.asarray(logits), temperature=temperature, top_k=k, top_p=p)
+                    scaled = jnp.asarray(logits) / temperature
+                    want = decoding.top_p_mask(decoding.top_k_mask(scaled, k), p)
+                    np.testing.assert_array_equal(np.isfinite(np.asarray(got)), np.isfinite(np.asarray(want)),
+                                                  err_msg=f"scale {scale} T {temperature} k {k} p {p}")
+                    finite = np.isfinite(np.asarray(want))
+                    np.testing.assert_array_equal(np.asarray(got)[finite], np.asarray(want)[finite])

@@ -99,9 +99,31 @@ def top_p_mask(logits: jnp.ndarray, top_p: float) -> jnp.ndarray:
 
 
 def filter_logits(logits: jnp.ndarray, *, temperature: float, top_k: int, top_p: float) -> jnp.ndarray:
-    """The logits actually sampled from: divided by temperature, then top-k, then top-p."""
+    """The logits actually sampled from: divided by temperature, then top-k, then top-p
+    (= `top_p_mask(top_k_mask(scaled, top_k), top_p)`, transformers' warpers' semantics).
+
+    With 0 < top_k < vocab both cutoffs come from `lax.top_k`'s k values instead of bisections
+    over the vocabulary (self-consistency decoding runs this every step on b * num_decodes rows):
+    the k-th value is top-k's cutoff (every logit tied with it kept, as transformers does), and
+    top-p's is the largest of the k values whose logits at or above it hold `top_p` of the
+    top-k-filtered mass (normalised over the whole filtered row, ties beyond k included)."""
     scaled = logits.astype(jnp.float32) / temperature
-    return top_p_mask(top_k_mask(scaled, top_k), top_p)
+    if not 0 < top_k < scaled.shape[-1]:
+        return top_p_mask(scaled, top_p)
+    values = lax.top_k(scaled, top_k)[0]  # [..., k], descending
+    # The k-th value as a min, not values[..., -1:]: XLA:CPU rewrites top_k + that slice into a
+    # full sort of the vocabulary (300 ms at [40, 32128] against 3 ms for top_k).
+    kth = jnp.min(values, axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    if top_p >= 1.0:
+        return masked
+    probs = jnp.exp(values - jax.nn.logsumexp(masked, axis=-1, keepdims=True))  # [..., k]
+    # mass[i]: probability of the filtered row's logits >= values[i]; at the k-th value, all of it.
+    at_or_above = values[..., None, :] >= values[..., :, None]  # [..., i, j]: values[j] >= values[i]
+    mass = jnp.sum(jnp.where(at_or_above, probs[..., None, :], 0.0), axis=-1)
+    mass = jnp.where(values == kth, 1.0, mass)
+    cutoff = jnp.max(jnp.where(mass >= top_p, values, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(masked >= cutoff, masked, -jnp.inf)
 
 
 def _decode_loop(
