@@ -63,8 +63,8 @@ def _ordered_keys(x: jnp.ndarray) -> jnp.ndarray:
 def _largest_key(ok, rows: tuple[int, ...]) -> jnp.ndarray:
     """Per row, the largest uint32 key t with ok(t) [rows..., 1] true, for an `ok` that is true
     at 0 and monotone (true up to some key, false above): built bit by bit, 32 passes. An exact
-    order statistic without sorting the vocabulary (XLA:CPU's sort and top_k over a 32k
-    vocabulary cost more than a decoder step)."""
+    order statistic without sorting the vocabulary (XLA:CPU's sort of a 32k vocabulary costs more
+    than a decoder step). `filter_logits` uses it only for top-p without top-k."""
     def body(i, ans):
         cand = ans | (jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32)))
         return jnp.where(ok(cand), cand, ans)
