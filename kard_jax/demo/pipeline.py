@@ -258,7 +258,8 @@ def run_demo(
         "accuracy": {m: round(evals[m]["accuracy"], 4) for m in rows},
         "accuracy_by_phrasing": by_phrasing,
         "chance_accuracy": 0.25,
-        "reranker_hits": {name: {k: round(v, 4) for k, v in m.items()} for name, m in ranking["rankings"].items()},
+        "reranker_hits": {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+                          for name, m in ranking["rankings"].items()},
         "num_test": evals["ft"]["num_examples"],
         "teacher": {split: r.as_dict() for split, r in reports.items()},
         "seed": seed,
