@@ -60,12 +60,16 @@ def first_silver_ranks(rankings: Sequence[Sequence[int]], silver: Sequence[set[i
 def ranking_metrics(rankings: Sequence[Sequence[int]], silver: Sequence[set[int]],
                     ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Hits@k and MRR of `rankings` (store positions, best first) against the silver sets."""
-    first = first_silver_ranks(rankings, silver)
+    return metrics_from_first_ranks(first_silver_ranks(rankings, silver), ks)
+
+
+def metrics_from_first_ranks(first: Sequence[int | None], ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Hits@k and MRR from each question's `first_silver_ranks`."""
     if not first:
         return {**{f"hits@{k}": 0.0 for k in ks}, "mrr": 0.0, "num_questions": 0}
     out = {f"hits@{k}": float(np.mean([r is not None and r <= k for r in first])) for k in ks}
     out["mrr"] = float(np.mean([0.0 if r is None else 1.0 / r for r in first]))
-    out["num_questions"] = len(rankings)
+    out["num_questions"] = len(first)
     return out
 
 
@@ -124,8 +128,8 @@ def evaluate_rankers(examples: Sequence[Example], rankers: Mapping[str, passages
         rankings: list[list[int]] = []
         for start in tqdm(range(0, len(judged), batch_size), desc=f"rank:{name}", unit="batch", mininterval=2.0):
             rankings.extend(ranker(judged[start:start + batch_size]))
-        out[name] = ranking_metrics(rankings, gold, ks)
         firsts[name] = first_silver_ranks(rankings, gold)
+        out[name] = metrics_from_first_ranks(firsts[name], ks)
     if reference is not None:
         for name in out:
             if name != reference:
