@@ -49,6 +49,15 @@ class KnowledgeBase:
                              path=self.directory, field="kb_dir")
         self.store, self.bm25 = knowledge_run.load_kb(self.directory)
 
+    def passage_vectors(self) -> np.ndarray:
+        """The dense passage embeddings [num_passages, dim] in store order (embeddings/, from
+        `build_kb` with an EMBEDDER), loaded once."""
+        if getattr(self, "_vectors", None) is None:
+            from kard_jax.knowledge import run as knowledge_run
+
+            self._vectors = knowledge_run.load_passage_vectors(self.directory, len(self.store))
+        return self._vectors
+
     def texts(self, positions: Sequence[int]) -> list[str]:
         return [prompts.format_passage(p.title, p.text) for p in self.store.get_many(list(positions))]
 

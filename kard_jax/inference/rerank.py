@@ -55,6 +55,9 @@ def reranked_ranker(
     query), reordered by the reranker's scores (ties keep the candidate order). A hybrid reranker
     (`lexical_weight`) also gets each candidate's BM25 score against the question query.
 
+    A `stored_passages` reranker scores the knowledge base's own passage embeddings
+    (`kb.passage_vectors()`), gathered per candidate instead of tokenized and encoded.
+
     Every call scores `batch_size` questions at a time with fixed shapes ([batch_size,
     query_length], [batch_size, n, candidate_length]), so the scorer compiles once per list length.
     """
@@ -63,22 +66,29 @@ def reranked_ranker(
         raise InputError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
 
     lexical = reranker_lib.uses_lexical_scores(model)
+    stored = kb.passage_vectors() if reranker_lib.uses_stored_passages(model) else None
 
     def score_chunk(queries: list[str], rows: list[list[int]]) -> np.ndarray:
-        texts = [kb.texts(row) for row in rows]
         pad = batch_size - len(queries)
-        width = max(len(row) for row in texts)
+        width = max(len(row) for row in rows)
         query_tokens = tokenizer.batch_encode(queries + [""] * pad, query_length)
-        flat = [t for row in texts for t in row + [""] * (width - len(row))] + [""] * (pad * width)
-        cand_tokens = tokenizer.batch_encode(flat, candidate_length).reshape(batch_size, width, candidate_length)
+        cand_tokens = cand_vectors = None
+        if stored is not None:
+            cand_vectors = np.zeros((batch_size, width, stored.shape[1]), np.float32)
+            for i, row in enumerate(rows):
+                cand_vectors[i, :len(row)] = stored[np.asarray(row, np.int64)]
+        else:
+            texts = [kb.texts(row) for row in rows]
+            flat = [t for row in texts for t in row + [""] * (width - len(row))] + [""] * (pad * width)
+            cand_tokens = tokenizer.batch_encode(flat, candidate_length).reshape(batch_size, width, candidate_length)
         lexical_scores = None
         if lexical:  # the hybrid reranker's feature: BM25 against the question query, z over the list
             lexical_scores = np.zeros((batch_size, width), np.float32)
             for i, (query, row) in enumerate(zip(queries, rows)):
                 lexical_scores[i, :len(row)] = reranker_lib.lexical_features(kb.bm25.score_candidates(query, row))
         scores = np.array(reranker_lib.score_candidates(model, params, query_tokens, cand_tokens,
-                                                        lexical_scores))[: len(queries)]
-        for i, row in enumerate(texts):  # padded slots last
+                                                        lexical_scores, cand_vectors))[: len(queries)]
+        for i, row in enumerate(rows):  # padded slots last
             scores[i, len(row):] = -np.inf
         return scores
 

@@ -14,8 +14,11 @@ Rankings compared on the same questions: BM25 by the question query, dense by th
 (when the KB has a dense index and an embedder is given), the trained reranker over the BM25
 candidates, the same reranker untrained (its initialisation), and the BM25 candidates in random
 order. Questions can be restricted to the held-out ones of reranker training
-(`kard_jax.data.splits.is_held_out`, the same fraction as `registry.register_kard_tasks`).
-Writes metrics.json (and TensorBoard scalars) to `out_dir`.
+(`kard_jax.data.splits.is_held_out`, the same fraction and start as `registry.register_kard_tasks`).
+Writes metrics.json, results.md, first_silver_ranks.jsonl (each question's first silver rank per
+ranking) and TensorBoard scalars to `out_dir`. `pool_evaluations` (runs/pool_reranker_evals.gin)
+pools the evaluations of K cross-validation folds into one table over every question, each judged
+by the reranker that did not train on it.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -111,30 +114,48 @@ def random_order_ranker(candidates: passages_lib.Ranker, seed: int = 0) -> passa
     return rank
 
 
-def evaluate_rankers(examples: Sequence[Example], rankers: Mapping[str, passages_lib.Ranker],
-                     silver: Mapping[str, set[int]], *, ks: Sequence[int] = DEFAULT_KS,
-                     batch_size: int = 64, reference: str | None = None) -> dict[str, dict[str, Any]]:
-    """metrics per ranker name, over the examples that have at least one silver passage; with
-    `reference` (a ranker name), every other ranker's metrics also hold `vs_<reference>`, its
-    `paired_comparison` with that ranker on the same questions."""
+def judged_examples(examples: Sequence[Example], silver: Mapping[str, set[int]]) -> list[Example]:
+    """The examples with at least one silver passage (the only ones a ranking can be judged on)."""
     judged = [e for e in examples if silver.get(e.id)]
     if not judged:
         raise InputError("no evaluated question has a silver passage (no kept rationale for any of them): "
                          "nothing to judge the rankings against", field="rationales_path")
+    return judged
+
+
+def rankers_first_ranks(judged: Sequence[Example], rankers: Mapping[str, passages_lib.Ranker],
+                        silver: Mapping[str, set[int]], batch_size: int = 64) -> dict[str, list[int | None]]:
+    """Per ranker name, each judged question's `first_silver_ranks` (in `judged` order)."""
     gold = [silver[e.id] for e in judged]
-    out: dict[str, dict[str, Any]] = {}
     firsts = {}
     for name, ranker in rankers.items():
         rankings: list[list[int]] = []
         for start in tqdm(range(0, len(judged), batch_size), desc=f"rank:{name}", unit="batch", mininterval=2.0):
             rankings.extend(ranker(judged[start:start + batch_size]))
         firsts[name] = first_silver_ranks(rankings, gold)
-        out[name] = metrics_from_first_ranks(firsts[name], ks)
+    return firsts
+
+
+def results_from_first_ranks(firsts: Mapping[str, Sequence[int | None]], ks: Sequence[int] = DEFAULT_KS,
+                             reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """metrics per ranker name from its questions' first silver ranks; with `reference` (a ranker
+    name), every other ranker's metrics also hold `vs_<reference>`, its `paired_comparison` with
+    that ranker on the same questions."""
+    out = {name: metrics_from_first_ranks(first, ks) for name, first in firsts.items()}
     if reference is not None:
         for name in out:
             if name != reference:
                 out[name][f"vs_{reference}"] = paired_comparison(firsts[name], firsts[reference], ks)
     return out
+
+
+def evaluate_rankers(examples: Sequence[Example], rankers: Mapping[str, passages_lib.Ranker],
+                     silver: Mapping[str, set[int]], *, ks: Sequence[int] = DEFAULT_KS,
+                     batch_size: int = 64, reference: str | None = None) -> dict[str, dict[str, Any]]:
+    """metrics per ranker name, over the examples that have at least one silver passage (see
+    `results_from_first_ranks`)."""
+    judged = judged_examples(examples, silver)
+    return results_from_first_ranks(rankers_first_ranks(judged, rankers, silver, batch_size), ks, reference)
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int] = DEFAULT_KS) -> str:
@@ -165,6 +186,7 @@ def eval_reranker(
     n_candidates: int = 100,
     silver_top_k: int = 1,
     holdout_fraction: float | None = None,
+    holdout_start: float = 0.0,
     limit: int | None = None,
     examples_format: Any = "kard",
     dataset: str | None = None,
@@ -174,6 +196,7 @@ def eval_reranker(
     query_length: int = 128,
     candidate_length: int = 256,
     include_untrained: bool = True,
+    initial_checkpoint: Callable[[], Any] | None = None,
     embedder: Any = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -183,8 +206,11 @@ def eval_reranker(
     passages; writes `out_dir`/metrics.json + results.md + TensorBoard scalars and returns the metrics.
 
     `vocab_path`: the reranker's vocabulary (a SentencePiece directory, or a Hugging Face
-    BERT-family directory such as MiniLM's). `holdout_fraction`: evaluate only the questions held out of reranker training with this
-    fraction (the training gin's RERANKER_HOLDOUT); None evaluates every question of the file.
+    BERT-family directory such as MiniLM's). `holdout_fraction`, `holdout_start`: evaluate only
+    the questions held out of reranker training (the training gin's RERANKER_HOLDOUT and
+    RERANKER_HOLDOUT_START); None evaluates every question of the file. `initial_checkpoint`: the
+    training's INITIAL_CHECKPOINT callable (e.g. a pretrained encoder), what the "untrained
+    reranker" row scores with; None: the model's random initialisation.
     """
     from kard_jax.data.readers import read_examples
     from kard_jax.teacher.store import read_rationales
@@ -193,7 +219,7 @@ def eval_reranker(
     start = time.time()
     examples = read_examples(examples_path, format=examples_format, dataset=dataset)
     if holdout_fraction:
-        examples = [e for e in examples if is_held_out(e.id, holdout_fraction)]
+        examples = [e for e in examples if is_held_out(e.id, holdout_fraction, holdout_start)]
     examples = examples[:limit]
     if not examples:
         raise InputError("no examples to evaluate (after the held-out selection)", path=examples_path)
@@ -217,31 +243,103 @@ def eval_reranker(
         trained = run_lib.load_reranker_params(reranker_checkpoint, reranker, query_length, candidate_length)
         rankers["reranked"] = rerank.reranked_ranker(kb, bm25, model=reranker, params=trained, **common)
         if include_untrained:
-            shapes = {"query_tokens": (1, query_length), "candidate_tokens": (1, 1, candidate_length)}
-            untrained = reranker.get_initial_variables(jax.random.PRNGKey(seed), shapes)["params"]
+            if initial_checkpoint is not None:  # the training's starting point (e.g. the MiniLM encoder)
+                untrained = initial_checkpoint()
+                if set(untrained) == {"base", "lora"}:  # LoRA adapters start at zero: the base is the model
+                    untrained = untrained["base"]
+            else:
+                shapes = {"query_tokens": (1, query_length), "candidate_tokens": (1, 1, candidate_length)}
+                untrained = reranker.get_initial_variables(jax.random.PRNGKey(seed), shapes)["params"]
             rankers["untrained reranker"] = rerank.reranked_ranker(kb, bm25, model=reranker, params=untrained,
                                                                    **common)
     rankers["random order"] = random_order_ranker(bm25, seed)
-    results = evaluate_rankers(examples, rankers, silver, ks=ks, reference="bm25")
+    judged = judged_examples(examples, silver)
+    firsts = rankers_first_ranks(judged, rankers, silver)
+    results = results_from_first_ranks(firsts, ks, reference="bm25")
     metrics = {
         "rankings": results,
         "definition": "Hits@k: share of questions with a silver passage (BM25 top-"
                       f"{silver_top_k} by any kept rationale) among the first k; MRR over {n_candidates} candidates",
         "examples": os.path.abspath(examples_path), "kb_dir": os.path.abspath(kb_dir), "query_form": query_form,
         "n_candidates": n_candidates, "holdout_fraction": holdout_fraction,
+        "holdout_start": holdout_start if holdout_fraction else None, "silver_top_k": silver_top_k,
         "reranker": None if reranker_checkpoint is None else os.path.abspath(reranker_checkpoint),
         "seconds": round(time.time() - start, 2),
     }
-    out = pathlib.Path(out_dir)
-    table = format_table(results, ks)
-    atomic.write_text(out / "results.md", table + "\n")
-    import json
-
-    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write_scalars(out, results)
-    print(table, flush=True)
+    _write_outputs(pathlib.Path(out_dir), metrics, {e.id: {name: firsts[name][i] for name in firsts}
+                                                     for i, e in enumerate(judged)}, ks)
     print(f"kard_jax eval_reranker: {len(examples)} questions, {metrics['seconds']} s -> {out_dir}", flush=True)
     return metrics
+
+
+FIRST_RANKS_FILE = "first_silver_ranks.jsonl"
+# metrics.json fields that must agree between the folds `pool_evaluations` pools.
+_POOLED_SETTINGS = ("definition", "examples", "kb_dir", "query_form", "n_candidates", "silver_top_k")
+
+
+def _write_outputs(out: pathlib.Path, metrics: Mapping[str, Any], first_ranks: Mapping[str, Mapping[str, Any]] | None,
+                   ks: Sequence[int]) -> None:
+    """results.md, metrics.json, TensorBoard scalars [and first_silver_ranks.jsonl], each atomic."""
+    import json
+
+    table = format_table(metrics["rankings"], ks)
+    atomic.write_text(out / "results.md", table + "\n")
+    if first_ranks is not None:
+        atomic.write_text(out / FIRST_RANKS_FILE, "".join(json.dumps({"question_id": qid, "first_silver_rank": ranks})
+                                                          + "\n" for qid, ranks in first_ranks.items()))
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write_scalars(out, metrics["rankings"])
+    print(table, flush=True)
+
+
+def pool_evaluations(*, eval_dirs: Sequence[str], out_dir: str, ks: Sequence[int] = DEFAULT_KS) -> dict:
+    """One table over the questions of several `eval_reranker` outputs (K cross-validation folds:
+    each fold's reranker judged on the questions it did not train on): Hits@k, MRR and the paired
+    comparison with BM25 recomputed over all questions. The folds must hold disjoint questions,
+    the same rankings and the same settings (`_POOLED_SETTINGS`)."""
+    import json
+
+    if len(eval_dirs) < 2:
+        raise InputError(f"pooling needs at least two evaluation directories, got {len(eval_dirs)}", field="eval_dirs")
+    firsts: dict[str, list[int | None]] = {}
+    owner: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    reference_settings: dict[str, Any] | None = None
+    for directory in eval_dirs:
+        path = pathlib.Path(directory)
+        for name in ("metrics.json", FIRST_RANKS_FILE):
+            if not (path / name).is_file():
+                raise InputError(f"no {name}: not an eval_reranker output (or one written before per-question "
+                                 "ranks were kept; rerun it)", path=path / name, field="eval_dirs")
+        metrics = json.loads((path / "metrics.json").read_text())
+        settings = {key: metrics.get(key) for key in _POOLED_SETTINGS}
+        if reference_settings is None:
+            reference_settings, names = settings, list(metrics["rankings"])
+            firsts = {name: [] for name in names}
+        for key in _POOLED_SETTINGS:
+            if settings[key] != reference_settings[key]:
+                raise InputError(f"{key} is {settings[key]!r} here but {reference_settings[key]!r} in {eval_dirs[0]}: "
+                                 "pool evaluations of the same setup", path=path / "metrics.json", field=key)
+        if list(metrics["rankings"]) != list(firsts):
+            raise InputError(f"rankings {list(metrics['rankings'])} differ from {list(firsts)} in {eval_dirs[0]}",
+                             path=path / "metrics.json", field="rankings")
+        for line_number, line in enumerate((path / FIRST_RANKS_FILE).read_text().splitlines(), 1):
+            row = json.loads(line)
+            qid = str(row["question_id"])
+            if qid in owner:
+                raise InputError(f"question {qid!r} is also in {owner[qid]}: the folds overlap (give each fold its "
+                                 "own RERANKER_HOLDOUT_START)", path=path / FIRST_RANKS_FILE, line=line_number,
+                                 field="question_id")
+            owner[qid] = str(path)
+            counts[os.path.abspath(path)] = counts.get(os.path.abspath(path), 0) + 1
+            for name in firsts:
+                firsts[name].append(row["first_silver_rank"][name])
+    results = results_from_first_ranks(firsts, ks, reference="bm25" if "bm25" in firsts else None)
+    pooled = {"rankings": results, **reference_settings, "folds": [os.path.abspath(d) for d in eval_dirs],
+              "questions_per_fold": counts}
+    _write_outputs(pathlib.Path(out_dir), pooled, None, ks)
+    print(f"kard_jax pool_reranker_evals: {len(owner)} questions from {len(eval_dirs)} folds -> {out_dir}", flush=True)
+    return pooled
 
 
 def _write_scalars(out: pathlib.Path, results: Mapping[str, Mapping[str, float]]) -> None:

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from kard_jax.knowledge import atomic, bm25 as bm25_lib, embed as embed_lib, retrieval_cache, scann_index
 from kard_jax.errors import InputError
@@ -132,6 +133,21 @@ def retrieve(
           f"({manifest['split_kind']}), top-{config.rationale_top_k} per rationale, "
           f"top-{config.question_top_k} per question, {time.time() - start:.1f} s -> {output_dir}")
     return manifest
+
+
+def load_passage_vectors(kb_dir: str | os.PathLike, num_passages: int, *,
+                         field: str = "stored_passages") -> np.ndarray:
+    """The knowledge base's dense passage embeddings [num_passages, dim] in store order
+    (embeddings/, written by `build_kb` with an EMBEDDER); refused when absent or of another count."""
+    directory = pathlib.Path(kb_dir) / "embeddings"
+    if not directory.is_dir():
+        raise InputError("the knowledge base has no passage embeddings (embeddings/): build it with the reranker's "
+                         "backbone as EMBEDDER (runs/build_kb.gin)", path=kb_dir, field=field)
+    vectors = embed_lib.load_embeddings(directory)
+    if len(vectors) != num_passages:
+        raise InputError(f"{len(vectors)} passage embeddings for {num_passages} passages: the embeddings are stale, "
+                         "rebuild the KB", path=directory, field=field)
+    return vectors
 
 
 def _dense_retriever(kb_dir: pathlib.Path, embedder: "embed_lib.T5Embedder | None") -> retrieval_cache.DenseRetriever:

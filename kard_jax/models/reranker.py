@@ -40,7 +40,13 @@ its own (StrategyQA figures: docs/RERANKER.md); the model learns how much of it 
 `g` (parameter `neural_weight`) starts at `neural_weight` (1.0 by default); 0.0 starts the
 reranker as exactly the first-stage BM25 ranking and lets training add the encoder's score only
 as far as it helps (a randomly initialised encoder otherwise starts as noise on top of BM25; its
-gradients are zero until `g` moves off 0, which it does in the first steps). The temperatures are fixed positive constants (the KARD
+gradients are zero until `g` moves off 0, which it does in the first steps).
+
+Stored passages (`stored_passages=True`, dual encoder only, `proj_dim` 0): the document tower is
+frozen and is the knowledge base's own dense embeddings (`build_kb` with the backbone as its
+EMBEDDER, e.g. MiniLM), passed as `candidate_vectors` [b, n, dim] instead of candidate tokens; only
+the query tower (and the hybrid weights) are trained. A candidate then costs one row gather instead
+of an encoder pass, in training and at inference, and the reranker scores in the space ScaNN serves. The temperatures are fixed positive constants (the KARD
 release anneals them below zero), and the whole encoder is trained (the release silently freezes
 its document encoder) unless it is wrapped with LoRA (`kard_jax.models.lora`).
 """
@@ -82,6 +88,7 @@ class Reranker(nn.Module):
     head: str = "late_interaction"
     lexical_weight: float | None = None  # None: no lexical feature; else its initial weight (score units)
     neural_weight: float = 1.0  # a hybrid's initial weight of the encoder score (its parameter `neural_weight`)
+    stored_passages: bool = False  # candidates are stored unit-norm passage vectors (frozen document tower)
 
     def setup(self):
         c = self.config
@@ -131,9 +138,9 @@ class Reranker(nn.Module):
         (zero for a sequence without real tokens)."""
         return bert.mean_pool(self.hidden(tokens, enable_dropout), tokens, self.pad_id)
 
-    def __call__(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False,
-                 lexical_scores: Array | None = None) -> Array:
-        scores = self.neural_scores(query_tokens, candidate_tokens, enable_dropout)
+    def __call__(self, query_tokens: Array, candidate_tokens: Array | None, enable_dropout: bool = False,
+                 lexical_scores: Array | None = None, candidate_vectors: Array | None = None) -> Array:
+        scores = self.neural_scores(query_tokens, candidate_tokens, enable_dropout, candidate_vectors)
         if self.lexical_weight is None:
             return scores
         if lexical_scores is None:
@@ -141,8 +148,17 @@ class Reranker(nn.Module):
                              "the candidates' lexical_features")
         return self.neural_weight_param * scores + self.lexical_weight_param * lexical_scores.astype(jnp.float32)
 
-    def neural_scores(self, query_tokens: Array, candidate_tokens: Array, enable_dropout: bool = False) -> Array:
-        """[b, n] scores of the encoder alone (late interaction or dual encoder)."""
+    def neural_scores(self, query_tokens: Array, candidate_tokens: Array | None, enable_dropout: bool = False,
+                      candidate_vectors: Array | None = None) -> Array:
+        """[b, n] scores of the encoder alone (late interaction or dual encoder; with
+        `stored_passages`, against the given `candidate_vectors` [b, n, dim])."""
+        if self.stored_passages:
+            if candidate_vectors is None:
+                raise ValueError("this reranker scores stored passage vectors (stored_passages=True): pass "
+                                 "candidate_vectors, the knowledge base's embeddings of the candidates")
+            q = self.embed(query_tokens, enable_dropout)  # [b, p]
+            return jnp.einsum("bp,bnp->bn", q, candidate_vectors.astype(jnp.float32),
+                              preferred_element_type=jnp.float32)
         if self.head == "dual_encoder":
             q = self.embed(query_tokens, enable_dropout)  # [b, p]
             d = self.embed(candidate_tokens, enable_dropout)  # [b, n, p]
@@ -271,14 +287,16 @@ class RerankerModel(BaseModel):
     `config` is the backbone's (`t5.T5Config` or `bert.BertConfig`); `head` is
     "late_interaction" or "dual_encoder"; `proj_dim` 0 uses the encoder's hidden states as is;
     `lexical_weight` None is the paper's reranker, a number adds the trained lexical feature
-    (see the module docstring) starting at that weight.
+    (see the module docstring) starting at that weight. `stored_passages`: the batch holds
+    `candidate_vectors` [b, n, dim] (the knowledge base's passage embeddings) in place of
+    `candidate_tokens`; needs the dual-encoder head and `proj_dim` 0.
     """
 
     INPUT_FEATURES = {"query_tokens": jnp.int32, "candidate_tokens": jnp.int32}
 
     def __init__(self, config: BackboneConfig, *, proj_dim: int = 128, tau1: float = 1.0, tau2: float = 1.0,
                  head: str = "late_interaction", label_normalization: str = "standardize",
-                 lexical_weight: float | None = None, neural_weight: float = 1.0):
+                 lexical_weight: float | None = None, neural_weight: float = 1.0, stored_passages: bool = False):
         for name, tau in (("tau1", tau1), ("tau2", tau2)):
             if not tau > 0:
                 raise ValueError(f"RerankerModel.{name} must be a positive temperature, got {tau}")
@@ -295,12 +313,17 @@ class RerankerModel(BaseModel):
             raise ValueError(f"RerankerModel.lexical_weight must be a finite number or None, got {lexical_weight}")
         if not np.isfinite(neural_weight):
             raise ValueError(f"RerankerModel.neural_weight must be a finite number, got {neural_weight}")
+        if stored_passages and (head != "dual_encoder" or proj_dim != 0):
+            raise ValueError("RerankerModel.stored_passages scores the knowledge base's own passage embeddings: it "
+                             f"needs head='dual_encoder' and proj_dim=0 (got head={head!r}, proj_dim={proj_dim})")
         lexical_weight = None if lexical_weight is None else float(lexical_weight)
         # The parameter is in score units (scores / tau2 are the logits), so a restored reranker
         # scores the same whatever tau2 the inference gin gives; only its initial value uses tau2.
         super().__init__(Reranker(config, proj_dim, head, None if lexical_weight is None else lexical_weight * tau2,
-                                  float(neural_weight)))
+                                  float(neural_weight), bool(stored_passages)))
         self._lexical_weight = lexical_weight
+        if stored_passages:
+            self.INPUT_FEATURES = {"query_tokens": jnp.int32, "candidate_vectors": jnp.float32}
         if lexical_weight is not None:
             self.INPUT_FEATURES = {**self.INPUT_FEATURES, "lexical_scores": jnp.float32}
         self.tau1 = float(tau1)
@@ -316,21 +339,34 @@ class RerankerModel(BaseModel):
         """The lexical feature's initial weight in logits per standard deviation (None: no feature)."""
         return self._lexical_weight
 
+    @property
+    def stored_passages(self) -> bool:
+        return self.module.stored_passages
+
     def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]) -> PyTree:
+        """Parameters do not depend on lengths; with `stored_passages` any candidate shape given
+        (tokens or vectors) is replaced by one [1, 1, d_model] vector."""
         query = jnp.ones(input_shapes["query_tokens"], jnp.int32)
-        cands = jnp.ones(input_shapes["candidate_tokens"], jnp.int32)
-        lexical = jnp.zeros(cands.shape[:2], jnp.float32) if self.lexical_weight is not None else None
-        return self.module.init(rng, query, cands, enable_dropout=False, lexical_scores=lexical)
+        if self.stored_passages:
+            cands, vectors = None, jnp.zeros((query.shape[0], 1, self.config.d_model), jnp.float32)
+            count = 1
+        else:
+            cands, vectors = jnp.ones(input_shapes["candidate_tokens"], jnp.int32), None
+            count = cands.shape[1]
+        lexical = jnp.zeros((query.shape[0], count), jnp.float32) if self.lexical_weight is not None else None
+        return self.module.init(rng, query, cands, enable_dropout=False, lexical_scores=lexical,
+                                candidate_vectors=vectors)
 
     def batch_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
-        """Query plus candidate token positions (padding included)."""
-        return int(np.size(batch["query_tokens"]) + np.size(batch["candidate_tokens"]))
+        """Query plus candidate token positions (padding included; stored passages count none)."""
+        return int(np.size(batch["query_tokens"]) + np.size(batch.get("candidate_tokens", ())))
 
     def scores(self, params: PyTree, batch: Batch, dropout_rng: Array | None = None) -> Array:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
         return self.module.apply(
-            {"params": params}, batch["query_tokens"], batch["candidate_tokens"],
+            {"params": params}, batch["query_tokens"], batch.get("candidate_tokens"),
             enable_dropout=dropout_rng is not None, rngs=rngs, lexical_scores=batch.get("lexical_scores"),
+            candidate_vectors=batch.get("candidate_vectors") if self.stored_passages else None,
         )
 
     def _stats(self, scores: Array, batch: Batch) -> RankingStats:
@@ -369,9 +405,10 @@ def _module_of(model: LateInteractionReranker | RerankerModel) -> LateInteractio
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(module: LateInteractionReranker, params: PyTree, query_tokens: Array, candidate_tokens: Array,
-           lexical_scores: Array | None) -> Array:
-    return module.apply({"params": params}, query_tokens, candidate_tokens, lexical_scores=lexical_scores)
+def _score(module: LateInteractionReranker, params: PyTree, query_tokens: Array, candidate_tokens: Array | None,
+           lexical_scores: Array | None, candidate_vectors: Array | None) -> Array:
+    return module.apply({"params": params}, query_tokens, candidate_tokens, lexical_scores=lexical_scores,
+                        candidate_vectors=candidate_vectors)
 
 
 def uses_lexical_scores(model: LateInteractionReranker | RerankerModel) -> bool:
@@ -380,20 +417,29 @@ def uses_lexical_scores(model: LateInteractionReranker | RerankerModel) -> bool:
     return _module_of(model).lexical_weight is not None
 
 
+def uses_stored_passages(model: LateInteractionReranker | RerankerModel) -> bool:
+    """Whether `score_candidates` takes the candidates' stored vectors instead of their tokens."""
+    model = getattr(model, "model", model)
+    return _module_of(model).stored_passages
+
+
 def score_candidates(
-    model: LateInteractionReranker | RerankerModel, params: PyTree, query_tokens: Array, candidate_tokens: Array,
-    lexical_scores: Array | None = None,
+    model: LateInteractionReranker | RerankerModel, params: PyTree, query_tokens: Array,
+    candidate_tokens: Array | None, lexical_scores: Array | None = None, candidate_vectors: Array | None = None,
 ) -> Array:
-    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] -> [b, n] float32;
-    `lexical_scores` [b, n] (`lexical_features`) for a model with a lexical feature.
+    """Jitted inference scores: query_tokens [b, Lq], candidate_tokens [b, n, Lc] (or, for a
+    `stored_passages` model, candidate_vectors [b, n, dim]) -> [b, n] float32; `lexical_scores`
+    [b, n] (`lexical_features`) for a model with a lexical feature.
 
     A LoRA-wrapped model (`lora.LoraModel`) is scored with its merged weights.
     """
     if hasattr(model, "merge_params"):
         params, model = model.merge_params(meta.unbox(params)), model.model
     lexical = None if lexical_scores is None else jnp.asarray(lexical_scores, jnp.float32)
-    return _score(_module_of(model), meta.unbox(params), jnp.asarray(query_tokens, jnp.int32),
-                  jnp.asarray(candidate_tokens, jnp.int32), lexical)
+    tokens = None if candidate_tokens is None else jnp.asarray(candidate_tokens, jnp.int32)
+    vectors = None if candidate_vectors is None else jnp.asarray(candidate_vectors, jnp.float32)
+    return _score(_module_of(model), meta.unbox(params), jnp.asarray(query_tokens, jnp.int32), tokens, lexical,
+                  vectors)
 
 
 def params_with_t5_encoder(params: PyTree, t5_params: Mapping[str, Any]) -> PyTree:

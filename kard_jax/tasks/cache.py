@@ -97,7 +97,8 @@ _PATH_ARGUMENTS = ("train_path", "vocab_path", "rationales_path", "retrieval_cac
                    "reranker_vocab_path")
 _SPLIT_PATH_ARGUMENTS = ("eval_paths", "eval_retrieval_cache_dirs", "eval_rankings")  # {split: path}
 _RERANKER_ONLY = {"reranker_vocab_path", "reranker_max_candidates", "reranker_holdout_fraction",
-                  "reranker_candidate_pool"}
+                  "reranker_candidate_pool", "reranker_stored_passages",
+                  "reranker_holdout_start"}
 _EVAL_ONLY = {"eval_retrieval_cache_dirs", "eval_rankings", "eval_passage_source"}
 _RETRIEVAL = {"retrieval_cache_dir", "kb_dir", "n_passages"}
 # Arguments that cannot change a variant's records (everything else, new arguments included, counts).

@@ -7,7 +7,7 @@ Reranker: task features `query` [<=Lq], `candidates` [<=n, <=Lc] (ragged), `labe
 task_feature_lengths `{"query": Lq, "candidates": Lc, "labels": n}` become `query_tokens` [Lq],
 `candidate_tokens` [n, Lc], `labels` [n], `candidate_mask` [n] (1 for a real candidate, 0 for a
 padded slot) and `lexical_scores` [n] (each candidate's BM25 score against the question query),
-all zero-padded.
+all zero-padded; a task with stored passage vectors also gives `candidate_vectors` [n, dim].
 """
 from __future__ import annotations
 
@@ -41,9 +41,16 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
     }
     PACKING_FEATURE_DTYPES = {}
 
-    def __init__(self, **kwargs):
+    def __init__(self, stored_passages: bool = False, **kwargs):
+        """`stored_passages`: the task's records carry `candidate_vectors` (the knowledge base's
+        embeddings of the candidates, `register_kard_tasks(reranker_stored_passages=True)`), passed
+        on padded to [n, dim] for `RerankerModel(stored_passages=True)`."""
         if kwargs.pop("pack", False):
             raise ValueError("RerankerFeatureConverter does not pack")
+        self.stored_passages = bool(stored_passages)
+        if self.stored_passages:
+            self.MODEL_FEATURES = {**self.MODEL_FEATURES,
+                                   "candidate_vectors": FeatureSpec(dtype=tf.float32, rank=2, sequence_dim=0)}
         super().__init__(pack=False, **kwargs)
 
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
@@ -66,8 +73,17 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
             query.set_shape([lq])
             labels.set_shape([n])
             lexical.set_shape([n])
-            return {"query_tokens": query, "candidate_tokens": cands, "labels": labels, "candidate_mask": mask,
-                    "lexical_scores": lexical}
+            out = {"query_tokens": query, "candidate_tokens": cands, "labels": labels, "candidate_mask": mask,
+                   "lexical_scores": lexical}
+            if self.stored_passages:  # stored passage embeddings [<=n, dim] -> [n, dim]
+                if "candidate_vectors" not in ex:
+                    raise ValueError("RerankerFeatureConverter(stored_passages=True) needs a task whose records carry "
+                                     "candidate_vectors (register_kard_tasks(reranker_stored_passages=True))")
+                vectors = ex["candidate_vectors"][:n]
+                vectors = tf.pad(vectors, [[0, n - tf.shape(vectors)[0]], [0, 0]])
+                vectors.set_shape([n, ex["candidate_vectors"].shape[-1]])
+                out["candidate_vectors"] = vectors
+            return out
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -78,4 +94,5 @@ class RerankerFeatureConverter(seqio.FeatureConverter):
             "labels": task_feature_lengths["labels"],
             "candidate_mask": task_feature_lengths["labels"],
             "lexical_scores": task_feature_lengths["labels"],
+            **({"candidate_vectors": task_feature_lengths["labels"]} if self.stored_passages else {}),
         }

@@ -34,6 +34,14 @@ RERANKER_SIGNATURE = {
 }
 
 
+def reranker_signature(vector_dim: int | None = None) -> dict[str, tf.TensorSpec]:
+    """`RERANKER_SIGNATURE`, plus `candidate_vectors` [n, vector_dim] (the candidates' stored
+    passage embeddings) when `vector_dim` is given."""
+    if vector_dim is None:
+        return dict(RERANKER_SIGNATURE)
+    return {**RERANKER_SIGNATURE, "candidate_vectors": tf.TensorSpec([None, int(vector_dim)], tf.float32)}
+
+
 def records_dataset(records: Sequence[Mapping], signature: Mapping[str, tf.TensorSpec]) -> tf.data.Dataset:
     """A tf.data.Dataset streaming already-built Python records in order."""
     keys = list(signature)
@@ -83,7 +91,7 @@ def trim_candidates(
         cands, labels = ex["candidates"], ex["labels"]
         if max_cands is not None:
             cands, labels = cands[:max_cands], labels[:max_cands]
-            for key in ("candidate_ids", "candidates_pretokenized", "lexical_scores"):
+            for key in ("candidate_ids", "candidates_pretokenized", "lexical_scores", "candidate_vectors"):
                 if key in ex:
                     ex[key] = ex[key][:max_cands]
         if max_tokens is not None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import seqio
 from tqdm.auto import tqdm
 
@@ -91,6 +92,8 @@ class KardData:
         reranker_max_candidates: int | None = None,
         reranker_holdout_fraction: float = 0.0,
         reranker_candidate_pool: str = "union",
+        reranker_stored_passages: bool = False,
+        reranker_holdout_start: float = 0.0,
     ):
         self.dataset = dataset
         self.split_paths = {TRAIN_SPLIT: train_path, **dict(eval_paths)}
@@ -107,6 +110,8 @@ class KardData:
         self.reranker_max_candidates = reranker_max_candidates
         self.reranker_holdout_fraction = reranker_holdout_fraction
         self.reranker_candidate_pool = reranker_candidate_pool
+        self.reranker_stored_passages = reranker_stored_passages
+        self.reranker_holdout_start = reranker_holdout_start
 
     @functools.cached_property
     def query_form(self) -> str:
@@ -257,6 +262,20 @@ class KardData:
         return self._progress(sources.eval_records(self.examples(split), question_passages, self.budget), split,
                               "kard_eval")
 
+    @functools.cached_property
+    def passage_vectors(self) -> np.ndarray:
+        """The knowledge base's dense passage embeddings [num_passages, dim] (embeddings/, written by
+        `build_kb` with an EMBEDDER), in store order: a stored-passages reranker's candidates."""
+        from kard_jax.knowledge import run as knowledge_run
+
+        return knowledge_run.load_passage_vectors(self.kb_dir, len(self.passage_store),
+                                                  field="reranker_stored_passages")
+
+    def _with_passage_vectors(self, records: Iterable[dict]) -> Iterator[dict]:
+        for record in records:
+            positions = self.passage_store.indices_of(record["candidate_ids"])
+            yield {**record, "candidate_vectors": self.passage_vectors[np.asarray(positions, np.int64)]}
+
     def _reranker_pool_size(self) -> int | None:
         """How many of a cache row's candidates a reranker record may use: all of them ("union"),
         or the question's own retrieved list ("question": the first `question_top_k`)."""
@@ -290,10 +309,12 @@ class KardData:
             raise InputError(f"the reranker task has splits 'train' and 'validation', not {split!r}", field="split")
         held_out = split == VALIDATION_SPLIT
         examples = [e for e in self.examples(TRAIN_SPLIT)
-                    if is_held_out(e.id, self.reranker_holdout_fraction) == held_out]
+                    if is_held_out(e.id, self.reranker_holdout_fraction, self.reranker_holdout_start) == held_out]
         records = sources.reranker_records(examples, self.rationales, candidates, self.query_form,
                                            max_candidates=self.reranker_max_candidates,
                                            lexical_features=lexical)
+        if self.reranker_stored_passages:
+            records = self._with_passage_vectors(records)
         return self._progress(records, split, RERANKER_VARIANT)
 
 
@@ -346,6 +367,8 @@ def register_kard_tasks(
     reranker_max_candidates: int | None = None,
     reranker_holdout_fraction: float = 0.0,
     reranker_candidate_pool: str = "union",
+    reranker_stored_passages: bool = False,
+    reranker_holdout_start: float = 0.0,
 ) -> list[str]:
     """Register every KARD task the given files allow; returns the registered names.
 
@@ -362,10 +385,13 @@ def register_kard_tasks(
     (`kard_jax.data.query`): the reranker's question query; None takes the retrieval cache's, a
     different one is refused. `reranker_max_candidates`: candidates per reranker record (chosen by
     `sources.select_candidates` before tokenizing); `reranker_holdout_fraction`: questions
-    (`kard_jax.data.is_held_out`) moved from the reranker's 'train' split to 'validation';
+    (`kard_jax.data.is_held_out`, from `reranker_holdout_start`: a cross-validation fold) moved
+    from the reranker's 'train' split to 'validation';
     `reranker_candidate_pool`: "union" (the KARD release: the question's retrieved list plus the
     passages its rationales retrieve beyond it) or "question" (only the question's retrieved list,
-    the candidates inference reranks; the rationales still label them).
+    the candidates inference reranks; the rationales still label them). `reranker_stored_passages`:
+    reranker records also carry `candidate_vectors`, the knowledge base's embeddings of their
+    candidates (for `RerankerModel(stored_passages=True)`).
     """
     arguments = dict(locals())  # first: every argument, for TASK_SETTINGS (the task cache's fingerprint)
     if reranker_candidate_pool not in RERANKER_CANDIDATE_POOLS:
@@ -403,6 +429,8 @@ def register_kard_tasks(
         reranker_max_candidates=reranker_max_candidates,
         reranker_holdout_fraction=reranker_holdout_fraction,
         reranker_candidate_pool=reranker_candidate_pool,
+        reranker_stored_passages=reranker_stored_passages,
+        reranker_holdout_start=reranker_holdout_start,
     )
     all_splits = [TRAIN_SPLIT, *eval_paths]
     names = [_student_task(task_name(dataset, "ft"), data.ft, all_splits, vocab, shuffle_buffer_size)]
@@ -416,7 +444,8 @@ def register_kard_tasks(
         names.append(_add_task(
             task_name(dataset, RERANKER_VARIANT),
             source=seqio.FunctionDataSource(
-                preprocessors.make_dataset_fn(data.reranker, preprocessors.RERANKER_SIGNATURE),
+                preprocessors.make_dataset_fn(data.reranker, preprocessors.reranker_signature(
+                    data.passage_vectors.shape[1] if reranker_stored_passages else None)),
                 splits=[TRAIN_SPLIT] + ([VALIDATION_SPLIT] if reranker_holdout_fraction > 0 else []),
             ),
             output_features={"query": seqio.Feature(vocabulary=reranker_vocab, add_eos=True, required=True)},
