@@ -359,7 +359,9 @@ class RerankerModel(BaseModel):
 
     def batch_tokens(self, batch: Mapping[str, np.ndarray]) -> int:
         """Query plus candidate token positions (padding included; stored passages count none)."""
-        return int(np.size(batch["query_tokens"]) + np.size(batch.get("candidate_tokens", ())))
+        if self.stored_passages:
+            return int(np.size(batch["query_tokens"]))
+        return int(np.size(batch["query_tokens"]) + np.size(batch["candidate_tokens"]))
 
     def scores(self, params: PyTree, batch: Batch, dropout_rng: Array | None = None) -> Array:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None else None

@@ -34,12 +34,25 @@ RERANKER_SIGNATURE = {
 }
 
 
-def reranker_signature(vector_dim: int | None = None) -> dict[str, tf.TensorSpec]:
-    """`RERANKER_SIGNATURE`, plus `candidate_vectors` [n, vector_dim] (the candidates' stored
-    passage embeddings) when `vector_dim` is given."""
-    if vector_dim is None:
+def reranker_signature(stored_passages: bool = False) -> dict[str, tf.TensorSpec]:
+    """`RERANKER_SIGNATURE`, plus `candidate_positions` [n] (the candidates' positions in the
+    knowledge base's store, for `gather_passage_vectors`) with `stored_passages`."""
+    if not stored_passages:
         return dict(RERANKER_SIGNATURE)
-    return {**RERANKER_SIGNATURE, "candidate_vectors": tf.TensorSpec([None, int(vector_dim)], tf.float32)}
+    return {**RERANKER_SIGNATURE, "candidate_positions": tf.TensorSpec([None], tf.int32)}
+
+
+def gather_passage_vectors(dataset: tf.data.Dataset, table: Callable[[], object]) -> tf.data.Dataset:
+    """`candidate_positions` [n] -> `candidate_vectors` [n, dim]: rows of `table()`, the knowledge
+    base's passage embeddings (loaded when the dataset is built; one in-graph gather per record)."""
+    vectors = tf.constant(table(), tf.float32)
+
+    def fn(ex):
+        ex = dict(ex)
+        ex["candidate_vectors"] = tf.gather(vectors, ex["candidate_positions"])
+        return ex
+
+    return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def records_dataset(records: Sequence[Mapping], signature: Mapping[str, tf.TensorSpec]) -> tf.data.Dataset:
@@ -91,7 +104,8 @@ def trim_candidates(
         cands, labels = ex["candidates"], ex["labels"]
         if max_cands is not None:
             cands, labels = cands[:max_cands], labels[:max_cands]
-            for key in ("candidate_ids", "candidates_pretokenized", "lexical_scores", "candidate_vectors"):
+            for key in ("candidate_ids", "candidates_pretokenized", "lexical_scores", "candidate_positions",
+                        "candidate_vectors"):
                 if key in ex:
                     ex[key] = ex[key][:max_cands]
         if max_tokens is not None:

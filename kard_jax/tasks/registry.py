@@ -271,10 +271,14 @@ class KardData:
         return knowledge_run.load_passage_vectors(self.kb_dir, len(self.passage_store),
                                                   field="reranker_stored_passages")
 
-    def _with_passage_vectors(self, records: Iterable[dict]) -> Iterator[dict]:
+    def _with_passage_positions(self, records: Iterable[dict]) -> Iterator[dict]:
+        """Stored-passages records: the candidates' store positions in place of their texts (no
+        candidate tokens: the model never reads them, and tokenizing 100 passages per record, even
+        empty ones, dominated the input pipeline); `preprocessors.gather_passage_vectors` turns
+        them into vectors after the cache, so records and caches stay small."""
         for record in records:
             positions = self.passage_store.indices_of(record["candidate_ids"])
-            yield {**record, "candidate_vectors": self.passage_vectors[np.asarray(positions, np.int64)]}
+            yield {**record, "candidates": [], "candidate_positions": np.asarray(positions, np.int32)}
 
     def _reranker_pool_size(self) -> int | None:
         """How many of a cache row's candidates a reranker record may use: all of them ("union"),
@@ -314,7 +318,7 @@ class KardData:
                                            max_candidates=self.reranker_max_candidates,
                                            lexical_features=lexical)
         if self.reranker_stored_passages:
-            records = self._with_passage_vectors(records)
+            records = self._with_passage_positions(records)
         return self._progress(records, split, RERANKER_VARIANT)
 
 
@@ -444,8 +448,7 @@ def register_kard_tasks(
         names.append(_add_task(
             task_name(dataset, RERANKER_VARIANT),
             source=seqio.FunctionDataSource(
-                preprocessors.make_dataset_fn(data.reranker, preprocessors.reranker_signature(
-                    data.passage_vectors.shape[1] if reranker_stored_passages else None)),
+                preprocessors.make_dataset_fn(data.reranker, preprocessors.reranker_signature(reranker_stored_passages)),
                 splits=[TRAIN_SPLIT] + ([VALIDATION_SPLIT] if reranker_holdout_fraction > 0 else []),
             ),
             output_features={"query": seqio.Feature(vocabulary=reranker_vocab, add_eos=True, required=True)},
@@ -453,6 +456,8 @@ def register_kard_tasks(
                 seqio.preprocessors.tokenize,
                 functools.partial(preprocessors.tokenize_candidates, vocabulary=reranker_vocab),
                 seqio.CacheDatasetPlaceholder(),
+                *([functools.partial(preprocessors.gather_passage_vectors, table=lambda: data.passage_vectors)]
+                  if reranker_stored_passages else []),
                 seqio.preprocessors.append_eos_after_trim,
                 functools.partial(preprocessors.trim_candidates, eos_id=reranker_vocab.eos_id),
             ],
