@@ -69,3 +69,33 @@ def test_bad_binding_fails_in_dry_run_with_gins_message(binding, message):
     proc = _main("--gin_file=gin_configs/runs/demo.gin", f"--gin_bindings={binding}", "--dry_run")
     assert proc.returncode != 0
     assert message in proc.stderr and "invalid gin config" in proc.stderr
+
+
+@pytest.mark.parametrize("run", ["runs/train_reranker.gin", "runs/eval_reranker.gin"])
+def test_minilm_stored_reranker_gin_configures_training_and_evaluation_alike(run):
+    """models/reranker_minilm_stored.gin parsed after either run gin binds the same reranker."""
+    from kard_jax.models import reranker
+
+    bindings: list[str] = []
+    try:
+        for _ in range(30):
+            gin.clear_config()
+            try:
+                gin_utils.parse([str(ROOT / "gin_configs" / run), "models/reranker_minilm_stored.gin"], bindings)
+                break
+            except ValueError as e:
+                bindings.append(f"{REQUIRED.search(str(e)).group(1)} = '/tmp/placeholder'")
+        model = gin.get_configurable(reranker.RerankerModel)()
+        assert model.stored_passages and model.module.head == "dual_encoder" and model.module.proj_dim == 0
+        assert model.lexical_weight == 1.0 and model.tau2 == 0.05
+        assert model.config.hidden_size == 384  # all-MiniLM-L6-v2
+        if run.startswith("runs/train"):
+            from kard_jax.tasks import feature_converters, registry
+
+            assert gin.get_configurable(feature_converters.RerankerFeatureConverter)().stored_passages
+            assert gin.query_parameter("STORED_PASSAGES/macro.value") is True
+            assert gin.query_parameter("CANDIDATE_POOL/macro.value") == "question"
+            assert str(gin.query_parameter("registry.register_kard_tasks.reranker_stored_passages")) == "%STORED_PASSAGES"
+            del registry
+    finally:
+        gin.clear_config()
