@@ -23,16 +23,11 @@ def test_folds_partition_the_questions():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from kard_jax.demo import world as world_lib
+    from tests.demo_worlds import world_with_rationales
     from kard_jax.knowledge import run as knowledge
-    from kard_jax.teacher.store import write_rationales
 
     root = tmp_path_factory.mktemp("folds")
-    config = world_lib.WorldConfig(num_train_entities=8, num_test_entities=2, seed=5)
-    world = world_lib.generate(config)
-    world_dir = world_lib.write_world(root / "world", config)
-    rationales = {q.id: [world_lib.fact_sentence(q.entity, q.attribute, q.options[q.answer])] for q in world["train"]}
-    write_rationales(root / "teacher", rationales, {"teacher": "test"})
+    world_dir = world_with_rationales(root, train_entities=8, test_entities=2, seed=5, answer_line=False)
     knowledge.build_kb(corpus_paths=[str(world_dir / "kb.jsonl")], kb_dir=str(root / "kb"), show_progress=False)
     return root, world_dir
 

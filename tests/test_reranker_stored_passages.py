@@ -62,17 +62,11 @@ seqio = pytest.importorskip("seqio")
 @pytest.fixture(scope="module")
 def minilm_kb(tmp_path_factory):
     """The demo world's KB with MiniLM embeddings, its retrieval cache and rationales."""
-    from kard_jax.demo import world as world_lib
+    from tests.demo_worlds import world_with_rationales
     from kard_jax.knowledge import embed, retrieval_cache, run as knowledge
-    from kard_jax.teacher.store import write_rationales
 
     root = tmp_path_factory.mktemp("stored")
-    config = world_lib.WorldConfig(num_train_entities=4, num_test_entities=2, seed=3)
-    world = world_lib.generate(config)
-    world_dir = world_lib.write_world(root / "world", config)
-    rationales = {q.id: [world_lib.fact_sentence(q.entity, q.attribute, q.options[q.answer])
-                         + f" So the answer is ({'ABCD'[q.answer]}) {q.options[q.answer]}."] for q in world["train"]}
-    write_rationales(root / "teacher", rationales, {"teacher": "test"})
+    world_dir = world_with_rationales(root, train_entities=4, test_entities=2, seed=3)
     embedder = embed.bert_embedder_from_hf(max_length=64, batch_size=32)
     knowledge.build_kb(corpus_paths=[str(world_dir / "kb.jsonl")], kb_dir=str(root / "kb"), embedder=embedder,
                        show_progress=False)
