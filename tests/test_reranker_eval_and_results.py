@@ -36,6 +36,11 @@ def test_paired_comparison_and_sign_test_by_hand():
     assert reranker_eval.sign_test_p(9, 1) == pytest.approx(22 / 1024)
     assert reranker_eval.sign_test_p(0, 0) == 1.0
     assert reranker_eval.sign_test_p(5, 5) == 1.0
+    # Past 1,023 discordant pairs (2**n overflows a float): symmetric splits stay 1, lopsided ones
+    # underflow to 0, and a moderate one matches the normal approximation's order of magnitude.
+    assert reranker_eval.sign_test_p(1000, 1000) == 1.0
+    assert reranker_eval.sign_test_p(10, 1990) == 0.0
+    assert 1e-4 < reranker_eval.sign_test_p(1060, 940) < 1e-2  # z = 2.68 -> p ~ 0.0074
     with pytest.raises(ValueError):
         reranker_eval.paired_comparison([1], [1, 2])
 

@@ -83,8 +83,8 @@ def sign_test_p(wins: int, losses: int) -> float:
     n = wins + losses
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2.0**n
-    return min(1.0, 2.0 * tail)
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1))
+    return min(1.0, 2 * tail / (1 << n))  # exact integers: 2.0**n overflows past 1,023 pairs
 
 
 def paired_comparison(first: Sequence[int | None], reference: Sequence[int | None],
