@@ -125,8 +125,9 @@ def test_cross_attention_cache_is_per_input_not_per_sample(scan_layers):
         cross, self_attn = layer["encoder_decoder_attention"], layer["self_attention"]
         assert cross["cached_key"].shape == lead + (b, h, kv, enc_len)
         assert cross["cached_value"].shape == lead + (b, h, enc_len, kv)
-        assert self_attn["cached_key"].shape == lead + (b * N, max_len, h, kv)
-        assert self_attn["cached_value"].shape == lead + (b * N, max_len, h, kv)
+        # The self-attention cache: per decoder row, in the layouts its einsums read.
+        assert self_attn["cached_key"].shape == lead + (b * N, h, kv, max_len)
+        assert self_attn["cached_value"].shape == lead + (b * N, h, max_len, kv)
 
 
 def test_decoder_batch_must_be_a_multiple_of_encoder_batch():

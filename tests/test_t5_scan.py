@@ -128,7 +128,7 @@ def test_scanned_greedy_and_sampled_decodes_equal_unscanned():
     np.testing.assert_allclose(np.asarray(got_lp), np.asarray(want_lp), atol=1e-4)
     # The scanned cache holds one stacked entry per stack, not one per layer.
     cache = t5.init_cache(scanned, stacked, 2, 10, 8)
-    assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (2, 2, 8, 4, 8)
+    assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (2, 2, 4, 8, 8)  # layers, b, heads, kv, len
 
 
 def _train(model_dir, cfg, params, steps=4, mesh=partitioning.MeshConfig(data=4, model=2)):
