@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from kard_jax import hf_io
+from kard_jax import cpu_runtime, hf_io
 from kard_jax.models import decoding, t5
 
 try:
@@ -78,7 +78,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (best and median reported)")
     parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="kard_jax.cpu_runtime's glibc settings on CPU (what kard_jax.main applies; this one "
+                             "process runs both sides, so they apply to both), or none")
     args = parser.parse_args()
+    cpu_runtime.configure(retain_memory=args.malloc == "retain")  # before the first JAX computation
     sample = args.mode == "sample"
     samples = args.num_samples if sample else 1
 
@@ -92,7 +96,7 @@ def main() -> None:
     n_tokens = rows * args.new_tokens
     flops = useful_flops(cfg, args.batch, args.input_len, rows, args.new_tokens)
     what = (f"sample x{samples} top_k={args.top_k} top_p={args.top_p}" if sample else "greedy")
-    print(f"mode={args.mode} ({what}) shape={args.shape} params={t5.param_count(params) / 1e6:.1f}M "
+    print(f"mode={args.mode} ({what}) malloc={args.malloc} shape={args.shape} params={t5.param_count(params) / 1e6:.1f}M "
           f"batch={args.batch} input_len={args.input_len} new_tokens={args.new_tokens} "
           f"backend={jax.default_backend()} devices={len(jax.devices())}; {flops / 1e9:.1f} GFLOP per call")
 

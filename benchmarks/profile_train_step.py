@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", choices=["none", "full"], default="none")
     p.add_argument("--model_parallel", type=int, default=1)
     p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS before jax is imported")
+    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                   help="kard_jax.cpu_runtime's glibc settings on CPU (what kard_jax.main applies), or none")
     p.add_argument("--out_dir", default="", help="where the HLO and trace go (default: a new temp dir)")
     p.add_argument("--top", type=int, default=12, help="how many of the most expensive instructions to list")
     return p.parse_args(argv)

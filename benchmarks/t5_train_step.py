@@ -46,7 +46,11 @@ def peak_rss_gb() -> float:
 
 def build_jax(args):
     """(trainer, config, devices, numpy batch): the model, optimizer and batch `run_jax` times
-    (also what `profile_train_step.py` profiles)."""
+    (also what `profile_train_step.py` profiles). First, as `kard_jax.main` does, the CPU
+    runtime settings (`cpu_runtime.configure`), unless `--malloc=default`."""
+    from kard_jax import cpu_runtime
+
+    cpu_runtime.configure(retain_memory=getattr(args, "malloc", "retain") == "retain")
     import jax
 
     from kard_jax.models import t5
@@ -77,22 +81,35 @@ def run_jax(args) -> dict:
     compiled = trainer.compile_train_step(state, batch)
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
-    times, losses = [], []
+    times, losses, usage = [], [], []
     for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         state, metrics = trainer.train_step(state, batch)
         losses.append(float(metrics["loss"]))  # blocks until the step is done
         times.append(time.perf_counter() - start)
+        usage.append(_usage_since(before))
     mem = trainer.memory_analysis
     return {
-        "side": "jax", "backend": jax.default_backend(), "devices": len(devices),
+        "side": "jax", "backend": jax.default_backend(), "devices": len(devices), "malloc": args.malloc,
+        "usage": usage[args.warmup:],
         "compile_s": trainer.compile_seconds, "xla_flops": float(cost.get("flops", 0.0)), "step_times": times[args.warmup:], "warmup_times": times[:args.warmup],
         "losses": losses, "params": cfg.num_params(), "peak_rss_gb": peak_rss_gb(),
         "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else None,
     }
 
 
+def _usage_since(before) -> dict:
+    """User / system CPU seconds and minor page faults since `before` (a getrusage result)."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": now.ru_utime - before.ru_utime, "sys_s": now.ru_stime - before.ru_stime,
+            "minflt": now.ru_minflt - before.ru_minflt}
+
+
 def run_torch(args) -> dict:
+    if args.torch_malloc == "retain":  # the same glibc settings as ours, for a like-for-like row
+        from kard_jax import cpu_runtime
+
+        cpu_runtime.retain_freed_memory()
     import torch
     import transformers
 
@@ -118,9 +135,9 @@ def run_torch(args) -> dict:
     b = make_batch(args, s["vocab_size"])
     enc = torch.from_numpy(b["encoder_input_tokens"]).long()
     labels = torch.from_numpy(b["decoder_target_tokens"]).long()
-    times, losses = [], []
+    times, losses, usage = [], [], []
     for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
+        before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         out = model(input_ids=enc, attention_mask=torch.ones_like(enc), labels=labels)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -128,8 +145,10 @@ def run_torch(args) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss))
         times.append(time.perf_counter() - start)
+        usage.append(_usage_since(before))
     params = sum(p.numel() for p in model.parameters())
     return {"side": "torch", "threads": torch.get_num_threads(), "step_times": times[args.warmup:],
+            "malloc": args.torch_malloc, "usage": usage[args.warmup:],
             "warmup_times": times[:args.warmup], "losses": losses, "params": params, "peak_rss_gb": peak_rss_gb()}
 
 
@@ -162,6 +181,10 @@ def main() -> None:
     p.add_argument("--model_parallel", type=int, default=1, help="model axis size on accelerators")
     p.add_argument("--torch_threads", type=int, default=0, help="0 = all cores")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-chip peak (TPU v4: 275 bf16) for MFU")
+    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                   help="our side: kard_jax.cpu_runtime's glibc settings on CPU (what kard_jax.main applies), or none")
+    p.add_argument("--torch_malloc", choices=["default", "retain"], default="default",
+                   help="PyTorch side: glibc defaults, or the same settings as ours (a like-for-like row)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     args = p.parse_args()
 
@@ -197,8 +220,12 @@ def main() -> None:
     for side, r in results.items():
         extra = f" compile={r['compile_s']:.1f}s" if "compile_s" in r else f" threads={r.get('threads')}"
         mfu = f" MFU={100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        use = r["usage"]
+        cpu = (f" cpu/step user {statistics.mean(u['user_s'] for u in use):.2f}s sys "
+               f"{statistics.mean(u['sys_s'] for u in use):.2f}s, {statistics.mean(u['minflt'] for u in use):.0f} "
+               f"page faults; malloc={r['malloc']}")
         print(f"  {side:5s}: step={r['step_s']:.3f}s best of rounds {', '.join(f'{t:.2f}' for t in rounds[side])} "
-              f"(timed {', '.join(f'{t:.2f}' for t in r['step_times'])}) "
+              f"(timed {', '.join(f'{t:.2f}' for t in r['step_times'])}){cpu} "
               f"tokens/s={r['tokens_per_s']:.0f} peak_rss={r['peak_rss_gb']:.2f}GB params={r['params'] / 1e6:.1f}M"
               f" loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}{extra}{mfu}")
     try:

@@ -117,7 +117,7 @@ def main(argv: Sequence[str]) -> int:
     _hide_library_info_logs()
     import gin
 
-    from kard_jax import gin_utils
+    from kard_jax import cpu_runtime, gin_utils  # registered before gin locks the config
 
     if not FLAGS.gin_file:
         raise app.UsageError("--gin_file is required (see gin_configs/runs/).")
@@ -141,6 +141,8 @@ def main(argv: Sequence[str]) -> int:
             return 2
         print("kard_jax: dry run OK, config parsed; nothing was run.")
         return 0
+    # Before anything starts a JAX backend (its threads keep the malloc arena they start with).
+    gin.get_configurable(cpu_runtime.configure)()
     if FLAGS.multihost:
         import jax
 
