@@ -55,3 +55,15 @@ def test_too_late_once_a_backend_exists_and_says_so():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["False"]
     assert "after JAX started a backend" in out.stderr
+
+
+def test_xla_flags_are_appended_once_and_a_users_own_value_wins():
+    from kard_jax import cpu_runtime
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    cpu_runtime.add_xla_flags(cpu_runtime.CPU_XLA_FLAGS, env)
+    cpu_runtime.add_xla_flags(cpu_runtime.CPU_XLA_FLAGS, env)
+    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *cpu_runtime.CPU_XLA_FLAGS]
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=eltwise"}
+    cpu_runtime.add_xla_flags(("--xla_cpu_experimental_ynn_fusion_type=dot",), mine)
+    assert mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=eltwise"
