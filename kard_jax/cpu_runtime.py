@@ -1,7 +1,5 @@
 """Process settings that speed up XLA:CPU, applied when JAX will run on the CPU only.
 
-Two settings, both made by `configure()` (what `kard_jax.main` calls before JAX starts).
-
 XLA:CPU allocates every temporary buffer of a jitted computation on each call (a T5-small train
 step at batch 8 frees and re-allocates ~4.5 GB per step). With glibc's default malloc, buffers
 above its mmap threshold are fresh `mmap`s and the per-thread arenas hand freed memory back to the
@@ -9,11 +7,12 @@ kernel (`MADV_DONTNEED`), so every step page-faults the same gigabytes back in a
 zeroes them: measured on a 2-core AMD EPYC (AVX2), ~1.15 M minor page faults and ~3.6 s of
 system CPU time per step, a sixth of the step's CPU time (`benchmarks/README.md`).
 
-`CPU_XLA_FLAGS` are XLA:CPU flags that measured faster for this project's models:
-`--xla_cpu_experimental_ynn_fusion_type=dot` (XLA 0.10's YNNPACK fuses dots only, not the
+`train_step_compiler_options(mesh)`: XLA:CPU options for the train step only, passed to its
+compilation (`Trainer.compile_train_step`), on CPU meshes only.
+`xla_cpu_experimental_ynn_fusion_type=dot` (XLA 0.10's YNNPACK fuses dots only, not the
 elementwise ops around them) took the T5-small train step from 12.8 / 11.9 s to 11.4 / 9.9 s in
-interleaved runs on the AVX2 machine above; the HF-parity and decoding tests run under it
-(`tests/conftest.py` sets it too).
+interleaved runs on the AVX2 machine above, but slowed 5-sample decoding (8.4-8.8 s -> 9.7-11.3 s),
+which is why it is per compilation and not an XLA_FLAGS default.
 
 `retain_freed_memory()` sets three glibc `mallopt` parameters so that freed memory stays in the
 process and is reused by the next call: one malloc arena (M_ARENA_MAX = 1), no mmap for large
@@ -40,8 +39,8 @@ import sys
 
 import gin
 
-# Appended to XLA_FLAGS on CPU-only runs (before JAX reads them); see the module docstring.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+# XLA:CPU options of the train step's compilation (see the module docstring).
+CPU_TRAIN_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}  # = XLA_FLAGS ...=dot
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -89,31 +88,24 @@ def retain_freed_memory() -> bool:
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
-def add_xla_flags(flags, environ=os.environ) -> None:
-    """Appends each of `flags` to XLA_FLAGS unless XLA_FLAGS already sets that flag (the
-    user's own value wins)."""
-    current = environ.get("XLA_FLAGS", "")
-    set_already = {f.split("=", 1)[0] for f in current.split()}
-    extra = [f for f in flags if f.split("=", 1)[0] not in set_already]
-    if extra:
-        environ["XLA_FLAGS"] = " ".join([current.strip(), *extra]).strip()
+def train_step_compiler_options(mesh) -> dict[str, str] | None:
+    """`Lowered.compile` options for the train step: CPU_TRAIN_STEP_OPTIONS when every device of
+    `mesh` is a CPU, else None (TPU / GPU compilation is untouched)."""
+    if all(d.platform == "cpu" for d in mesh.devices.flat):
+        return dict(CPU_TRAIN_STEP_OPTIONS)
+    return None
 
 
 @gin.configurable(module="cpu_runtime")
-def configure(retain_memory: bool = True, xla_flags: bool = True) -> bool:
-    """Applies the CPU settings above when JAX will run on the CPU only; returns whether the
-    allocator setting was applied. Call it before anything initialises a JAX backend
-    (`kard_jax.main` does; so do the benchmarks).
-    gin: `cpu_runtime.configure.retain_memory`, `cpu_runtime.configure.xla_flags`."""
-    if not (retain_memory or xla_flags) or not cpu_only():
+def configure(retain_memory: bool = True) -> bool:
+    """Applies the allocator setting above when JAX will run on the CPU only; returns whether it
+    was applied. Call it before anything initialises a JAX backend (`kard_jax.main` does; so do
+    the benchmarks). gin: `cpu_runtime.configure.retain_memory`."""
+    if not retain_memory or not cpu_only():
         return False
     if _jax_backends_initialized():
-        logging.warning("cpu_runtime.configure() ran after JAX started a backend: malloc and XLA_FLAGS "
-                        "left as they are (XLA read its flags, threads keep their malloc arenas)")
-        return False
-    if xla_flags:
-        add_xla_flags(CPU_XLA_FLAGS)
-    if not retain_memory:
+        logging.warning("cpu_runtime.configure() ran after JAX started a backend: malloc left as it "
+                        "is (its threads keep the arenas they started with)")
         return False
     applied = retain_freed_memory()
     if applied:

@@ -5,10 +5,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The XLA:CPU flags kard_jax.main applies on CPU-only runs: the numerics tests run under them.
-from kard_jax import cpu_runtime  # noqa: E402  (imports gin only, not jax)
-
-cpu_runtime.add_xla_flags(cpu_runtime.CPU_XLA_FLAGS)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

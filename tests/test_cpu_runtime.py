@@ -1,5 +1,5 @@
-"""`kard_jax.cpu_runtime`: the glibc settings remove the page faults of re-allocating XLA:CPU
-buffers (counted by the kernel: getrusage's minor faults), and are applied on CPU only, before a
+"""`kard_jax.cpu_runtime`: the glibc settings remove the page faults of re-allocating big
+buffers (counted by the kernel: getrusage's minor faults; the benchmarks print them per train step), and are applied on CPU only, before a
 JAX backend exists. Each case runs in a fresh interpreter (the settings are process-wide)."""
 import os
 import subprocess
@@ -7,18 +7,19 @@ import sys
 
 import pytest
 
-_ALLOCATE = r"""
-import resource, sys
+_REALLOCATE = r"""
+import ctypes, resource, sys
 from kard_jax import cpu_runtime
 applied = cpu_runtime.configure(retain_memory=sys.argv[1] == "retain")
-import jax, jax.numpy as jnp
-x = jnp.ones((4096, 4096), jnp.float32)  # 64 MiB: far above glibc's largest mmap threshold (32 MiB)
-f = jax.jit(lambda x: x * 2.0 + 1.0)  # a fresh 64 MiB output buffer per call
-for _ in range(5):  # the heap reaches its high-water mark
-    f(x).block_until_ready()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20  # far above glibc's largest mmap threshold (32 MiB): what XLA:CPU's big buffers are
+for _ in range(2):  # the heap reaches its high-water mark
+    p = libc.malloc(size); ctypes.memset(p, 1, size); libc.free(p)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    f(x).block_until_ready()
+for _ in range(10):  # what every train step does: free a big buffer, allocate it again, write it
+    p = libc.malloc(size); ctypes.memset(p, 1, size); libc.free(p)
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -33,12 +34,12 @@ def _run(code, *args, platforms="cpu"):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_retained_memory_removes_the_page_faults_of_reallocating_buffers():
-    applied, faults = _run(_ALLOCATE, "retain")
-    default_applied, default_faults = _run(_ALLOCATE, "default")
+    applied, faults = _run(_REALLOCATE, "retain")
+    default_applied, default_faults = _run(_REALLOCATE, "default")
     assert (applied, default_applied) == ("True", "False")
-    # glibc defaults: each 64 MiB output is a fresh mmap, faulted in page by page (16 Ki pages).
-    assert int(default_faults) > 10 * 16384 // 2
-    assert int(faults) < int(default_faults) // 2, (faults, default_faults)
+    # glibc defaults: each 64 MiB block is a fresh mmap, faulted in page by page (16 Ki pages).
+    assert int(default_faults) >= 10 * 16384
+    assert int(faults) < 100, faults
 
 
 def test_applied_only_when_jax_can_only_use_the_cpu():
@@ -57,13 +58,21 @@ def test_too_late_once_a_backend_exists_and_says_so():
     assert "after JAX started a backend" in out.stderr
 
 
-def test_xla_flags_are_appended_once_and_a_users_own_value_wins():
+
+def test_train_step_options_on_cpu_meshes_only():
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
     from kard_jax import cpu_runtime
 
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    cpu_runtime.add_xla_flags(cpu_runtime.CPU_XLA_FLAGS, env)
-    cpu_runtime.add_xla_flags(cpu_runtime.CPU_XLA_FLAGS, env)
-    assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *cpu_runtime.CPU_XLA_FLAGS]
-    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=eltwise"}
-    cpu_runtime.add_xla_flags(("--xla_cpu_experimental_ynn_fusion_type=dot",), mine)
-    assert mine["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=eltwise"
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+    assert cpu_runtime.train_step_compiler_options(mesh) == cpu_runtime.CPU_TRAIN_STEP_OPTIONS
+
+    class _Tpu:
+        platform = "tpu"
+
+    class _TpuMesh:
+        devices = np.array([_Tpu(), _Tpu()])
+
+    assert cpu_runtime.train_step_compiler_options(_TpuMesh()) is None

@@ -24,6 +24,7 @@ from absl import logging
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kard_jax import cpu_runtime
 from kard_jax.errors import InputError
 from kard_jax.models.base import LOSS_DENOMINATOR, BaseModel
 from kard_jax.training import checkpoints, data_iterator, metrics, optimizers, partitioning
@@ -181,7 +182,7 @@ class Trainer:
         start = time.perf_counter()
         with self._context():
             lowered = jitted.lower(state, batch, self.dropout_rng)
-            self._compiled_train = lowered.compile()
+            self._compiled_train = lowered.compile(cpu_runtime.train_step_compiler_options(self.mesh))
         self.compile_seconds = time.perf_counter() - start
         try:
             self.memory_analysis = self._compiled_train.memory_analysis()
