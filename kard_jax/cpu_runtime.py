@@ -109,5 +109,6 @@ def configure(retain_memory: bool = True) -> bool:
         return False
     applied = retain_freed_memory()
     if applied:
-        logging.info("CPU only: glibc malloc keeps freed memory for reuse (one arena, no mmap, no trim)")
+        # debug, not info: kard_jax.main shows its own info logs on stderr, where bad input gets one line
+        logging.debug("CPU only: glibc malloc keeps freed memory for reuse (one arena, no mmap, no trim)")
     return applied
