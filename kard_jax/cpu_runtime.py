@@ -7,12 +7,18 @@ kernel (`MADV_DONTNEED`), so every step page-faults the same gigabytes back in a
 zeroes them: measured on a 2-core AMD EPYC (AVX2), ~1.15 M minor page faults and ~3.6 s of
 system CPU time per step, a sixth of the step's CPU time (`benchmarks/README.md`).
 
-`train_step_compiler_options(mesh)`: XLA:CPU options for the train step only, passed to its
-compilation (`Trainer.compile_train_step`), on CPU meshes only.
-`xla_cpu_experimental_ynn_fusion_type=dot` (XLA 0.10's YNNPACK fuses dots only, not the
-elementwise ops around them) took the T5-small train step from 12.8 / 11.9 s to 11.4 / 9.9 s in
-interleaved runs on the AVX2 machine above, but slowed 5-sample decoding (8.4-8.8 s -> 9.7-11.3 s),
-which is why it is per compilation and not an XLA_FLAGS default.
+XLA:CPU options are per program, passed to its compilation on the CPU only, because what helps
+one program hurts another (interleaved runs on the AVX2 machine above):
+- `train_step_compiler_options(mesh)` (`Trainer.compile_train_step`, CPU meshes):
+  `xla_cpu_experimental_ynn_fusion_type=dot` (XLA 0.10's YNNPACK fuses dots only, not the
+  elementwise ops around them) took the T5-small train step from 12.8 / 11.9 s to 11.4 / 9.9 s;
+  no YNNPACK fusion at all was slower (11.9 / 13.6 s against 10.5 / 11.2 s).
+- `cpu_jit(fn, CPU_DECODE_OPTIONS)` (`decoding.greedy_decode` / `sample_decode` when JAX's
+  default backend is the CPU): no YNNPACK fusion, so XLA's own dot emitter runs the decoder's
+  small-batch matmuls ([8, 512] x [512, 1024] at 8-10 GB/s of weights against YNNPACK's 4-6;
+  the [8, 512] x [512, 32128] lm_head 6.6 ms against 13.3): greedy 8 x 512 -> 64 tokens
+  5.07 -> 4.47 s (user CPU 9.2 -> 7.9 s), 5 samples 8.52 -> 8.12 s (15.0 -> 13.3 s). The
+  dot-only setting slows decoding (5.07 -> 5.53 s greedy).
 
 `retain_freed_memory()` sets three glibc `mallopt` parameters so that freed memory stays in the
 process and is reused by the next call: one malloc arena (M_ARENA_MAX = 1), no mmap for large
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -40,8 +47,9 @@ import sys
 
 import gin
 
-# XLA:CPU options of the train step's compilation (see the module docstring).
+# XLA:CPU options per program (see the module docstring).
 CPU_TRAIN_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}  # = XLA_FLAGS ...=dot
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusion
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -95,6 +103,30 @@ def train_step_compiler_options(mesh) -> dict[str, str] | None:
     if all(d.platform == "cpu" for d in mesh.devices.flat):
         return dict(CPU_TRAIN_STEP_OPTIONS)
     return None
+
+
+class cpu_jit:  # noqa: N801 (used like jax.jit)
+    """`jax.jit(fn, **jit_kwargs)` that compiles with the XLA:CPU `options` when JAX's default
+    backend is the CPU, and without them otherwise (TPU / GPU compilation is untouched). Called,
+    or `.lower(...)`d, like the jitted function; each variant keeps its own compilation cache."""
+
+    def __init__(self, fn, options: dict[str, str], **jit_kwargs):
+        import jax  # not at module import: configure() must run before JAX starts a backend
+
+        self._on_cpu = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
+        self._elsewhere = jax.jit(fn, **jit_kwargs)
+        functools.update_wrapper(self, fn)
+
+    def _jitted(self):
+        import jax
+
+        return self._on_cpu if jax.default_backend() == "cpu" else self._elsewhere
+
+    def __call__(self, *args, **kwargs):
+        return self._jitted()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted().lower(*args, **kwargs)
 
 
 @gin.configurable(module="cpu_runtime")

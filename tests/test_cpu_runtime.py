@@ -76,3 +76,27 @@ def test_train_step_options_on_cpu_meshes_only():
         devices = np.array([_Tpu(), _Tpu()])
 
     assert cpu_runtime.train_step_compiler_options(_TpuMesh()) is None
+
+
+def test_cpu_jit_compiles_with_its_options_on_the_cpu_and_computes_the_same():
+    """The decode functions' wrapper: on the CPU the options reach XLA (no YNNPACK fusion is left
+    in the compiled program, where plain jax.jit has one for the same matmul), the result is the
+    same to float rounding, and `.lower` is the same variant that a call runs."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kard_jax import cpu_runtime
+
+    def step(x, w):
+        return jax.nn.gelu(x @ w)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 256)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(256, 512)), jnp.float32)
+    tuned = cpu_runtime.cpu_jit(step, cpu_runtime.CPU_DECODE_OPTIONS)
+    assert tuned.__name__ == "step"
+    plain_hlo = jax.jit(step).lower(x, w).compile().as_text()
+    tuned_hlo = tuned.lower(x, w).compile().as_text()
+    assert "ynn_fusion" in plain_hlo  # XLA:CPU's default: the matmul is a YNNPACK fusion
+    assert "ynn_fusion" not in tuned_hlo
+    np.testing.assert_allclose(np.asarray(tuned(x, w)), np.asarray(jax.jit(step)(x, w)), rtol=1e-5, atol=1e-5)
