@@ -281,6 +281,7 @@ class MultiHeadAttention(nn.Module):
         # Default layouts: keys/values [b, k, heads, kv].
         scores_eq, out_eq = "bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd"
         kv_axes = (("batch", "length", "heads", "kv"),) * 2
+        cached_layouts = False  # keys [b, heads, kv, k], values [b, heads, k, kv] (the decode caches)
         if decode and self.is_cross_attention and decode_position is not None:
             # Encoder-decoder K/V depend only on the encoder output: they enter the cache on the
             # first decoding step (computed from the real encoder output) and are only read
@@ -295,6 +296,7 @@ class MultiHeadAttention(nn.Module):
             ).value
             scores_eq, out_eq = "bqhd,bhdk->bhqk", "bhqk,bhkd->bqhd"
             kv_axes = (("batch", "heads", "kv", "length"), ("batch", "heads", "length", "kv"))
+            cached_layouts = True
         elif decode and not self.is_cross_attention:
             # The self-attention cache is kept in the layouts the two einsums read, like the
             # encoder-decoder one (keys [b, heads, kv, max_len], values [b, heads, max_len, kv]):
@@ -307,6 +309,7 @@ class MultiHeadAttention(nn.Module):
             cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
             scores_eq, out_eq = "bqhd,bhdk->bhqk", "bhqk,bhkd->bqhd"
             kv_axes = (("batch", "heads", "kv", "length"), ("batch", "heads", "length", "kv"))
+            cached_layouts = True
             if is_initialized:
                 if inputs_q.shape[1] != 1:
                     raise ValueError(f"decode=True expects one token per step, got length {inputs_q.shape[1]}")
@@ -324,7 +327,7 @@ class MultiHeadAttention(nn.Module):
         key = _constrain(key, kv_axes[0])
         value = _constrain(value, kv_axes[1])
 
-        heads_major = samples > 1 and scores_eq == "bqhd,bhdk->bhqk"  # shared cached cross K/V
+        heads_major = samples > 1 and cached_layouts  # shared cached cross K/V
         if heads_major:
             # Heads-major query and output ([b, heads, n * q, kv]): the einsums are then plain
             # batched matmuls. With the samples as query positions, XLA:CPU otherwise lowers the
