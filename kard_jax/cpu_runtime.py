@@ -97,17 +97,20 @@ def retain_freed_memory() -> bool:
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
 
+def compiler_options_for(options: dict[str, str], devices) -> dict[str, str] | None:
+    """`options` (XLA:CPU compile options) when every one of `devices` is a CPU, else None:
+    TPU / GPU compilation is untouched."""
+    return dict(options) if all(d.platform == "cpu" for d in devices) else None
+
+
 def train_step_compiler_options(mesh) -> dict[str, str] | None:
-    """`Lowered.compile` options for the train step: CPU_TRAIN_STEP_OPTIONS when every device of
-    `mesh` is a CPU, else None (TPU / GPU compilation is untouched)."""
-    if all(d.platform == "cpu" for d in mesh.devices.flat):
-        return dict(CPU_TRAIN_STEP_OPTIONS)
-    return None
+    """`Lowered.compile` options for the train step on `mesh`: CPU_TRAIN_STEP_OPTIONS on CPUs."""
+    return compiler_options_for(CPU_TRAIN_STEP_OPTIONS, mesh.devices.flat)
 
 
 class cpu_jit:  # noqa: N801 (used like jax.jit)
-    """`jax.jit(fn, **jit_kwargs)` that compiles with the XLA:CPU `options` when JAX's default
-    backend is the CPU, and without them otherwise (TPU / GPU compilation is untouched). Called,
+    """`jax.jit(fn, **jit_kwargs)` that compiles with the XLA:CPU `options` when the devices of
+    JAX's default backend are CPUs (`compiler_options_for`), and without them otherwise. Called,
     or `.lower(...)`d, like the jitted function; each variant keeps its own compilation cache."""
 
     def __init__(self, fn, options: dict[str, str], **jit_kwargs):
@@ -115,12 +118,14 @@ class cpu_jit:  # noqa: N801 (used like jax.jit)
 
         self._on_cpu = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
         self._elsewhere = jax.jit(fn, **jit_kwargs)
+        self._options = options
         functools.update_wrapper(self, fn)
 
     def _jitted(self):
         import jax
 
-        return self._on_cpu if jax.default_backend() == "cpu" else self._elsewhere
+        on_cpu = compiler_options_for(self._options, jax.devices()) is not None
+        return self._on_cpu if on_cpu else self._elsewhere
 
     def __call__(self, *args, **kwargs):
         return self._jitted()(*args, **kwargs)

@@ -1,6 +1,8 @@
 """`kard_jax.cpu_runtime`: the glibc settings remove the page faults of re-allocating big
-buffers (counted by the kernel: getrusage's minor faults; the benchmarks print them per train step), and are applied on CPU only, before a
-JAX backend exists. Each case runs in a fresh interpreter (the settings are process-wide)."""
+buffers (counted by the kernel: getrusage's minor faults; the benchmarks print them per train
+step), and are applied on CPU only, before a JAX backend exists; the XLA:CPU compile options
+reach CPU compilations only. The allocator cases run in a fresh interpreter (those settings are
+process-wide)."""
 import os
 import subprocess
 import sys
@@ -58,7 +60,6 @@ def test_too_late_once_a_backend_exists_and_says_so():
     assert "after JAX started a backend" in out.stderr
 
 
-
 def test_train_step_options_on_cpu_meshes_only():
     import jax
     import numpy as np
@@ -80,8 +81,8 @@ def test_train_step_options_on_cpu_meshes_only():
 
 def test_cpu_jit_compiles_with_its_options_on_the_cpu_and_computes_the_same():
     """The decode functions' wrapper: on the CPU the options reach XLA (no YNNPACK fusion is left
-    in the compiled program, where plain jax.jit has one for the same matmul), the result is the
-    same to float rounding, and `.lower` is the same variant that a call runs."""
+    in the compiled program, where plain jax.jit has one for the same matmul) and the result is
+    the same to float rounding."""
     import jax
     import jax.numpy as jnp
     import numpy as np
