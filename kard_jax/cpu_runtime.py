@@ -13,12 +13,15 @@ one program hurts another (interleaved runs on the AVX2 machine above):
   `xla_cpu_experimental_ynn_fusion_type=dot` (XLA 0.10's YNNPACK fuses dots only, not the
   elementwise ops around them) took the T5-small train step from 12.8 / 11.9 s to 11.4 / 9.9 s;
   no YNNPACK fusion at all was slower (11.9 / 13.6 s against 10.5 / 11.2 s).
-- `cpu_jit(fn, CPU_DECODE_OPTIONS)` (`decoding.greedy_decode` / `sample_decode` when JAX's
+- `cpu_jit(fn, decode_compiler_options)` (`decoding.greedy_decode` / `sample_decode` when JAX's
   default backend is the CPU): no YNNPACK fusion, so XLA's own dot emitter runs the decoder's
   small-batch matmuls ([8, 512] x [512, 1024] at 8-10 GB/s of weights against YNNPACK's 4-6;
   the [8, 512] x [512, 32128] lm_head 6.6 ms against 13.3): greedy 8 x 512 -> 64 tokens
   5.07 -> 4.47 s (user CPU 9.2 -> 7.9 s), 5 samples 8.52 -> 8.12 s (15.0 -> 13.3 s). The
   dot-only setting slows decoding (5.07 -> 5.53 s greedy).
+Both are gin settings (`cpu_runtime.train_step_compiler_options.options`,
+`cpu_runtime.decode_compiler_options.options`) for a CPU where another path is faster; a misspelt
+option or a bad value is an InputError naming the setting, checked once per distinct set of options.
 
 `retain_freed_memory()` sets three glibc `mallopt` parameters so that freed memory stays in the
 process and is reused by the next call: one malloc arena (M_ARENA_MAX = 1), no mmap for large
@@ -103,29 +106,66 @@ def compiler_options_for(options: dict[str, str], devices) -> dict[str, str] | N
     return dict(options) if all(d.platform == "cpu" for d in devices) else None
 
 
-def train_step_compiler_options(mesh) -> dict[str, str] | None:
-    """`Lowered.compile` options for the train step on `mesh`: CPU_TRAIN_STEP_OPTIONS on CPUs."""
-    return compiler_options_for(CPU_TRAIN_STEP_OPTIONS, mesh.devices.flat)
+@functools.lru_cache(maxsize=None)
+def _check_options(items: tuple, setting: str) -> None:
+    """Compiles a trivial program with the options once per distinct set, so that a misspelt
+    option or a bad value is an InputError naming the gin setting, before any real compilation."""
+    import jax
+
+    from kard_jax.errors import InputError
+
+    try:
+        jax.jit(lambda x: x + 1).lower(0.0).compile(dict(items))
+    except Exception as e:  # XLA: "No such compile option: ...", "... is not a valid bool value"
+        raise InputError(f"{setting} = {dict(items)!r}: {str(e).splitlines()[0]}") from None
+
+
+def _checked(options: dict, setting: str) -> dict:
+    options = dict(options)
+    _check_options(tuple(sorted(options.items())), setting)
+    return options
+
+
+@gin.configurable(module="cpu_runtime")
+def train_step_compiler_options(mesh, options: dict = CPU_TRAIN_STEP_OPTIONS) -> dict | None:
+    """`Lowered.compile` options for the train step on `mesh`: `options` on CPU meshes, None
+    elsewhere. gin: `cpu_runtime.train_step_compiler_options.options` (default
+    CPU_TRAIN_STEP_OPTIONS; `{}` compiles with XLA's defaults), for a CPU where another XLA path
+    is faster."""
+    if compiler_options_for(options, mesh.devices.flat) is None:
+        return None
+    return _checked(options, "cpu_runtime.train_step_compiler_options.options")
+
+
+@gin.configurable(module="cpu_runtime")
+def decode_compiler_options(options: dict = CPU_DECODE_OPTIONS) -> dict:
+    """XLA:CPU compile options of `decoding.greedy_decode` / `sample_decode` on the CPU. gin:
+    `cpu_runtime.decode_compiler_options.options` (default CPU_DECODE_OPTIONS; `{}` compiles
+    with XLA's defaults). Read at each call, so a new binding takes effect at the next call."""
+    return dict(options)
 
 
 class cpu_jit:  # noqa: N801 (used like jax.jit)
-    """`jax.jit(fn, **jit_kwargs)` that compiles with the XLA:CPU `options` when the devices of
-    JAX's default backend are CPUs (`compiler_options_for`), and without them otherwise. Called,
-    or `.lower(...)`d, like the jitted function; each variant keeps its own compilation cache."""
+    """`jax.jit(fn, **jit_kwargs)` that compiles with XLA:CPU `options` (a dict, or a function
+    returning one, read at each call) when the devices of JAX's default backend are CPUs
+    (`compiler_options_for`), and without them otherwise. Called, or `.lower(...)`d, like the
+    jitted function; each distinct set of options keeps its own jitted function and cache."""
 
-    def __init__(self, fn, options: dict[str, str], **jit_kwargs):
-        import jax  # not at module import: configure() must run before JAX starts a backend
-
-        self._on_cpu = jax.jit(fn, compiler_options=dict(options), **jit_kwargs)
-        self._elsewhere = jax.jit(fn, **jit_kwargs)
-        self._options = options
+    def __init__(self, fn, options, *, setting: str = "cpu_jit options", **jit_kwargs):
+        self._fn, self._jit_kwargs, self._setting = fn, jit_kwargs, setting  # setting: named in errors
+        self._options = options if callable(options) else (lambda: options)
+        self._variants = {}
         functools.update_wrapper(self, fn)
 
     def _jitted(self):
         import jax
 
-        on_cpu = compiler_options_for(self._options, jax.devices()) is not None
-        return self._on_cpu if on_cpu else self._elsewhere
+        options = compiler_options_for(self._options(), jax.devices())
+        key = None if options is None else tuple(sorted(_checked(options, self._setting).items()))
+        if key not in self._variants:
+            kwargs = dict(self._jit_kwargs) if key is None else dict(self._jit_kwargs, compiler_options=dict(key))
+            self._variants[key] = jax.jit(self._fn, **kwargs)
+        return self._variants[key]
 
     def __call__(self, *args, **kwargs):
         return self._jitted()(*args, **kwargs)

@@ -13,7 +13,8 @@ operative config next to a run's outputs. Beyond plain `gin.parse_config_files_a
   (`--gin.NAME=...` / `--gin_bindings`) must set a macro or a configurable that is reachable from
   the bound job (`kard_jax.main.execute.job`, following `@references` and `%MACROS`). Gin itself
   accepts any new macro, so `--gin.LEARNING_RATEE=3e-3` next to `LEARNING_RATE` used to run with
-  the default learning rate.
+  the default learning rate. The configurables kard_jax calls itself on every run
+  (`RUNTIME_SELECTORS`: the CPU allocator setting and XLA:CPU compile options) count as reachable.
 
 Gin internals used (gin-config 0.5): `gin.config._CONFIG` maps (scope, selector) -> {arg: value};
 a macro `NAME = v` is the binding (NAME, 'gin.macro') -> {'value': v}; a `%NAME` / `@fn` in a value
@@ -36,6 +37,10 @@ GIN_SEARCH_PATH_ENV = "KARD_GIN_SEARCH_PATH"
 PROJECT_GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 JOB_SELECTOR = "kard_jax.main.execute"
 _MACRO = "gin.macro"
+# Called by kard_jax itself (kard_jax.main before the job; the trainer and the decoders when they
+# compile on the CPU), not through the job's @references: their bindings are always in use.
+RUNTIME_SELECTORS = ("cpu_runtime.configure", "cpu_runtime.train_step_compiler_options",
+                     "cpu_runtime.decode_compiler_options")
 _CONSTANT = "gin.constant"
 
 
@@ -126,6 +131,7 @@ def _defined_or_referenced() -> tuple[set[str], set[str]]:
     config = gin.config._CONFIG
     macros = {scope for scope, selector in config if selector == _MACRO}
     selectors = {selector for _, selector in config if selector not in (_MACRO, _CONSTANT)}
+    selectors.update(RUNTIME_SELECTORS)
     for ref in _references(config):
         name, selector = ref.config_key
         if selector == _MACRO:
@@ -145,8 +151,8 @@ def _used_by_job() -> tuple[set[str], set[str]] | None:
     for key in config:
         keys_of[key[1]].append(key)
     macros: set[str] = set()
-    selectors = {JOB_SELECTOR}
-    todo, seen = list(keys_of[JOB_SELECTOR]), set()
+    selectors = {JOB_SELECTOR, *RUNTIME_SELECTORS}
+    todo, seen = [key for selector in selectors for key in keys_of[selector]], set()
     while todo:
         key = todo.pop()
         if key in seen:

@@ -101,3 +101,53 @@ def test_cpu_jit_compiles_with_its_options_on_the_cpu_and_computes_the_same():
     assert "ynn_fusion" in plain_hlo  # XLA:CPU's default: the matmul is a YNNPACK fusion
     assert "ynn_fusion" not in tuned_hlo
     np.testing.assert_allclose(np.asarray(tuned(x, w)), np.asarray(jax.jit(step)(x, w)), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_options_are_gin_settings_read_at_each_call():
+    """gin replaces the XLA:CPU options of the train step and of decoding; `cpu_jit` reads its
+    options at each call, so a new binding compiles a new program (never a stale one), and a
+    misspelt option is an InputError naming the gin setting (one line from `kard_jax.main`)."""
+    import gin
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from kard_jax import cpu_runtime
+    from kard_jax.errors import InputError
+    from kard_jax.models import decoding, t5
+
+    def step(x, w):
+        return jax.nn.gelu(x @ w)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 256)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(256, 512)), jnp.float32)
+    setting = "cpu_runtime.decode_compiler_options.options"
+    tuned = cpu_runtime.cpu_jit(step, cpu_runtime.decode_compiler_options, setting=setting)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    gin.clear_config()
+    try:
+        assert "ynn_fusion" not in tuned.lower(x, w).compile().as_text()  # CPU_DECODE_OPTIONS
+        with gin.unlock_config():
+            gin.bind_parameter(f"{setting}", {})
+            gin.bind_parameter("cpu_runtime.train_step_compiler_options.options", {})
+        assert "ynn_fusion" in tuned.lower(x, w).compile().as_text()  # XLA's default fuses the matmul
+        assert cpu_runtime.train_step_compiler_options(mesh) == {}
+
+        with gin.unlock_config():
+            gin.bind_parameter(setting, {"xla_cpu_no_such_option": True})
+            gin.bind_parameter("cpu_runtime.train_step_compiler_options.options",
+                               {"xla_cpu_use_onednn": "yes"})
+        with pytest.raises(InputError, match=r"^cpu_runtime\.decode_compiler_options\.options = .*"
+                                             r"No such compile option: 'xla_cpu_no_such_option'"):
+            tuned(x, w)
+        model = t5.T5(t5.T5Config.from_preset("tiny"))
+        tokens = jnp.ones((1, 4), jnp.int32)
+        params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, tokens)["params"]
+        with pytest.raises(InputError, match=r"^cpu_runtime\.decode_compiler_options\.options = "):
+            decoding.greedy_decode(model, params, tokens, max_decode_len=2)
+        with pytest.raises(InputError, match=r"^cpu_runtime\.train_step_compiler_options\.options = "
+                                             r".*xla_cpu_use_onednn"):
+            cpu_runtime.train_step_compiler_options(mesh)
+    finally:
+        gin.clear_config()

@@ -72,6 +72,9 @@ def _parse_train(bindings):
 
 def test_parse_accepts_overrides_of_used_names_and_refuses_the_rest():
     _parse_train(["SEED = 3", "optimizers.adamw.b1 = 0.8", "partitioning.MeshConfig.model = 1"])
+    # Called by kard_jax itself on every run, not through the job's references.
+    _parse_train(["cpu_runtime.configure.retain_memory = False", "cpu_runtime.train_step_compiler_options.options = {}",
+                  "cpu_runtime.decode_compiler_options.options = {}"])
     with pytest.raises(gin_utils.UnusedBindingError, match="did you mean SEED"):
         _parse_train(["SEEED = 3"])
     # A configurable the run gin binds but the job never calls.

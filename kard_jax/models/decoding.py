@@ -13,8 +13,9 @@ b * num_decodes rows, rows i*n .. i*n+n-1 being the samples of input i (t5x
 `flat_batch_beam_expand` order). The encoder output is not repeated, so neither the first
 step's K/V projections nor every step's cross-attention memory traffic grows with num_decodes.
 
-On the CPU both functions compile with `cpu_runtime.CPU_DECODE_OPTIONS` (XLA's own dot emitter
-for the decoder's small-batch matmuls; see `cpu_runtime`); elsewhere with XLA's defaults.
+On the CPU both functions compile with `cpu_runtime.decode_compiler_options()` (by default XLA's
+own dot emitter for the decoder's small-batch matmuls; see `cpu_runtime`; gin:
+`cpu_runtime.decode_compiler_options.options`); elsewhere with XLA's defaults.
 Every configuration argument is static (one compilation per configuration); the arrays
 (params, tokens, rng) are traced, so the functions run under any mesh / input sharding.
 `sample_decode` also takes one PRNG key per input row ([b, 2]): each row's samples then depend
@@ -31,6 +32,8 @@ from jax import lax
 
 from kard_jax import cpu_runtime
 from kard_jax.models import t5
+
+_DECODE_OPTIONS_SETTING = "cpu_runtime.decode_compiler_options.options"  # named in a bad option's error
 
 PyTree = Any
 
@@ -255,7 +258,7 @@ def _decode_loop(
     return final.sequences, final.log_prob
 
 
-@functools.partial(cpu_runtime.cpu_jit, options=cpu_runtime.CPU_DECODE_OPTIONS,
+@functools.partial(cpu_runtime.cpu_jit, options=cpu_runtime.decode_compiler_options, setting=_DECODE_OPTIONS_SETTING,
                    static_argnames=("model", "max_decode_len", "eos_id"))
 def greedy_decode(
     model: t5.T5,
@@ -279,7 +282,7 @@ def greedy_decode(
 
 
 @functools.partial(
-    cpu_runtime.cpu_jit, options=cpu_runtime.CPU_DECODE_OPTIONS,
+    cpu_runtime.cpu_jit, options=cpu_runtime.decode_compiler_options, setting=_DECODE_OPTIONS_SETTING,
     static_argnames=("model", "max_decode_len", "num_decodes", "temperature", "top_k", "top_p", "eos_id"),
 )
 def sample_decode(
