@@ -121,9 +121,15 @@ def _check_options(items: tuple, setting: str) -> None:
 
 
 def _checked(options: dict, setting: str) -> dict:
-    options = dict(options)
+    """`options` as a dict, after `_check_options`."""
+    from kard_jax.errors import InputError
+
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, (str, bool, int, float)) for k, v in options.items()):
+        raise InputError(f"{setting} = {options!r}: expected a dict of XLA option names to strings, "
+                         "numbers or booleans")
     _check_options(tuple(sorted(options.items())), setting)
-    return options
+    return dict(options)
 
 
 @gin.configurable(module="cpu_runtime")

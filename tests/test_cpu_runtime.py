@@ -149,5 +149,9 @@ def test_compile_options_are_gin_settings_read_at_each_call():
         with pytest.raises(InputError, match=r"^cpu_runtime\.train_step_compiler_options\.options = "
                                              r".*xla_cpu_use_onednn"):
             cpu_runtime.train_step_compiler_options(mesh)
+        with gin.unlock_config():
+            gin.bind_parameter("cpu_runtime.train_step_compiler_options.options", {"xla_cpu_use_onednn": [True]})
+        with pytest.raises(InputError, match="expected a dict of XLA option names to strings, numbers or booleans"):
+            cpu_runtime.train_step_compiler_options(mesh)
     finally:
         gin.clear_config()
