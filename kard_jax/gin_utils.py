@@ -37,11 +37,11 @@ GIN_SEARCH_PATH_ENV = "KARD_GIN_SEARCH_PATH"
 PROJECT_GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 JOB_SELECTOR = "kard_jax.main.execute"
 _MACRO = "gin.macro"
+_CONSTANT = "gin.constant"
 # Called by kard_jax itself (kard_jax.main before the job; the trainer and the decoders when they
 # compile on the CPU), not through the job's @references: their bindings are always in use.
 RUNTIME_SELECTORS = ("cpu_runtime.configure", "cpu_runtime.train_step_compiler_options",
                      "cpu_runtime.decode_compiler_options")
-_CONSTANT = "gin.constant"
 
 
 class UnusedBindingError(ValueError):
