@@ -120,16 +120,17 @@ def _check_options(items: tuple, setting: str) -> None:
         raise InputError(f"{setting} = {dict(items)!r}: {str(e).splitlines()[0]}") from None
 
 
-def _checked(options: dict, setting: str) -> dict:
-    """`options` as a dict, after `_check_options`."""
+def _checked(options: dict, setting: str) -> tuple:
+    """`options` as sorted (name, value) pairs (hashable: a cache key), after `_check_options`."""
     from kard_jax.errors import InputError
 
     if not isinstance(options, dict) or not all(
             isinstance(k, str) and isinstance(v, (str, bool, int, float)) for k, v in options.items()):
         raise InputError(f"{setting} = {options!r}: expected a dict of XLA option names to strings, "
                          "numbers or booleans")
-    _check_options(tuple(sorted(options.items())), setting)
-    return dict(options)
+    items = tuple(sorted(options.items()))
+    _check_options(items, setting)
+    return items
 
 
 @gin.configurable(module="cpu_runtime")
@@ -140,7 +141,7 @@ def train_step_compiler_options(mesh, options: dict = CPU_TRAIN_STEP_OPTIONS) ->
     is faster."""
     if compiler_options_for(options, mesh.devices.flat) is None:
         return None
-    return _checked(options, "cpu_runtime.train_step_compiler_options.options")
+    return dict(_checked(options, "cpu_runtime.train_step_compiler_options.options"))
 
 
 @gin.configurable(module="cpu_runtime")
@@ -148,7 +149,7 @@ def decode_compiler_options(options: dict = CPU_DECODE_OPTIONS) -> dict:
     """XLA:CPU compile options of `decoding.greedy_decode` / `sample_decode` on the CPU. gin:
     `cpu_runtime.decode_compiler_options.options` (default CPU_DECODE_OPTIONS; `{}` compiles
     with XLA's defaults). Read at each call, so a new binding takes effect at the next call."""
-    return dict(options)
+    return options
 
 
 class cpu_jit:  # noqa: N801 (used like jax.jit)
@@ -167,7 +168,7 @@ class cpu_jit:  # noqa: N801 (used like jax.jit)
         import jax
 
         options = compiler_options_for(self._options(), jax.devices())
-        key = None if options is None else tuple(sorted(_checked(options, self._setting).items()))
+        key = None if options is None else _checked(options, self._setting)
         if key not in self._variants:
             kwargs = dict(self._jit_kwargs) if key is None else dict(self._jit_kwargs, compiler_options=dict(key))
             self._variants[key] = jax.jit(self._fn, **kwargs)

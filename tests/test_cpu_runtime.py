@@ -129,7 +129,7 @@ def test_compile_options_are_gin_settings_read_at_each_call():
     try:
         assert "ynn_fusion" not in tuned.lower(x, w).compile().as_text()  # CPU_DECODE_OPTIONS
         with gin.unlock_config():
-            gin.bind_parameter(f"{setting}", {})
+            gin.bind_parameter(setting, {})
             gin.bind_parameter("cpu_runtime.train_step_compiler_options.options", {})
         assert "ynn_fusion" in tuned.lower(x, w).compile().as_text()  # XLA's default fuses the matmul
         assert cpu_runtime.train_step_compiler_options(mesh) == {}
